@@ -287,8 +287,9 @@ def load_lora(model: nn.Module, path: str | Path) -> None:
     tensors = load_file(str(path))
     expected = adapter_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
+    reshaped = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
+    if missing or unexpected or reshaped:
         raise ValueError(f"adapter file {path} does not match the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}. Apply LoRA with the same rank / targets / "
-                         "towers (and AlignNet) as at training time.")
+                         f"unexpected {unexpected[:5]}, other shape {reshaped[:5]}. Apply LoRA with "
+                         "the same rank / targets / towers (and AlignNet) as at training time.")
     model.load_state_dict(tensors, strict=False)
