@@ -1,0 +1,187 @@
+"""The paper's evaluation protocols, one cell at a time, each cell writing a results record.
+
+- base_to_novel: few-shot train on the base half of a dataset's classes, test on base and novel.
+- cross_dataset: few-shot train on a source (ImageNet in the paper) over all classes, test on
+  other datasets.
+- domain_generalization: the same source model tested on shifted versions of the source.
+
+A cell is (protocol, dataset, method, seed, shots, backbone) plus training parameters. Its record
+(JSON) holds every parameter, metrics, per-class accuracy, timings, versions, device, git commit
+and the adapter path. Records are written atomically, and a cell whose record exists is done.
+Cross-dataset and domain-generalization cells with the same source and training parameters share
+one trained adapter.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .data import Splits
+from .io import write_json
+from .lora import load_lora, save_lora
+from .train import GladModel, TrainConfig, evaluate, harmonic_mean, resolve_device, set_seed, train
+
+PROTOCOLS = ("base_to_novel", "cross_dataset", "domain_generalization")
+PAPER_TARGETS = {
+    "cross_dataset": ["caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
+                      "sun397", "dtd", "eurosat", "ucf101"],
+    "domain_generalization": ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"],
+}
+
+
+@dataclass
+class Cell:
+    """One unit of work: a protocol on one dataset (or source) with one method, seed and backbone."""
+
+    protocol: str
+    dataset: str
+    train: TrainConfig = field(default_factory=TrainConfig)
+    shots: int = 16
+    backbone: str = "ViT-B-16"
+    pretrained: str | None = "openai"
+    targets: list[str] = field(default_factory=list)
+    data_root: str | None = None
+    results_dir: str = "results"
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.protocol!r}; allowed: {list(PROTOCOLS)}")
+        if self.protocol != "base_to_novel" and not self.targets:
+            raise ValueError(f"protocol {self.protocol} needs targets (datasets to evaluate the source model on)")
+
+    @property
+    def name(self) -> str:
+        return f"shots{self.shots}_seed{self.train.seed}"
+
+    @property
+    def record_path(self) -> Path:
+        return (Path(self.results_dir) / self.protocol / self.dataset / _slug(self.backbone) / self.train.method
+                / f"{self.name}.json")
+
+    def params(self) -> dict[str, Any]:
+        return {"protocol": self.protocol, "dataset": self.dataset, "targets": self.targets, "shots": self.shots,
+                "backbone": self.backbone, "pretrained": self.pretrained, "data_root": self.data_root,
+                **self.train.to_dict()}
+
+    def adapter_path(self) -> Path:
+        """Where the trained adapter goes; transfer protocols key it by everything training depends on."""
+        if self.protocol == "base_to_novel":
+            return self.record_path.with_suffix(".safetensors")
+        keys = {k: v for k, v in self.params().items()
+                if k not in ("protocol", "targets", "data_root", "device", "num_workers", "eval_batch_size")}
+        digest = hashlib.sha1(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        return (Path(self.results_dir) / "adapters" / self.dataset / _slug(self.backbone) / self.train.method
+                / f"{self.name}_{digest}.safetensors")
+
+
+def _slug(s: str) -> str:
+    return s.replace("/", "_").replace(":", "_")
+
+
+def environment() -> dict[str, Any]:
+    """Library versions, device and git commit for the record."""
+    import open_clip
+
+    versions = {"glad_core": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                "open_clip": open_clip.__version__}
+    for mod in ("timm", "transformers"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"versions": versions, "device": device, "threads": torch.get_num_threads(), "git_commit": commit,
+            "git_dirty": dirty}
+
+
+def _load(name: str, cell: Cell) -> Splits:
+    from .datasets import load_dataset
+    return load_dataset(name, cell.data_root)
+
+
+def run_cell(cell: Cell, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Train and evaluate one cell; write and return its record. An existing record is returned as is."""
+    from .datasets import fewshot, subsample_classes
+    from .models import load_backbone
+
+    path = cell.record_path
+    if path.exists() and not overwrite:
+        return json.loads(path.read_text())
+    t_start = time.perf_counter()
+    cfg = cell.train
+    set_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    clip, preprocess, tokenizer = load_backbone(cell.backbone, cell.pretrained, device=device)
+    model = GladModel(clip, tokenizer, cfg).to(device)
+
+    source = fewshot(_load(cell.dataset, cell), cell.shots, cfg.seed)
+    train_split = subsample_classes(source, "base") if cell.protocol == "base_to_novel" else source
+    adapter = cell.adapter_path()
+    checkpoint = adapter.with_suffix(".ckpt")
+    reused = cell.protocol != "base_to_novel" and bool(model.trainable()) and adapter.exists()
+    if reused:
+        load_lora(model, adapter)
+        history = None
+    elif model.trainable():
+        adapter.parent.mkdir(parents=True, exist_ok=True)
+        history = train(model, train_split.train, train_split.classnames, train_split.templates,
+                        checkpoint=checkpoint, progress=progress)
+        save_lora(model, adapter, metadata={"method": cfg.method, "backbone": cell.backbone})
+        checkpoint.unlink(missing_ok=True)
+    else:
+        history = None
+    t_train = time.perf_counter() - t_start
+
+    metrics: dict[str, float] = {}
+    per_class: dict[str, dict[str, float]] = {}
+    sizes: dict[str, int] = {}
+    if cell.protocol == "base_to_novel":
+        evals = {sub: subsample_classes(source, sub) for sub in ("base", "novel")}
+    else:
+        evals = {cell.dataset: source, **{t: _load(t, cell) for t in cell.targets}}
+    for key, split in evals.items():
+        r = evaluate(model, split.test, split.classnames, split.templates, preprocess, progress=progress,
+                     desc=f"eval {key}")
+        metrics[key], per_class[key], sizes[key] = r["acc"], r["per_class"], r["n"]
+    if cell.protocol == "base_to_novel":
+        metrics["hm"] = harmonic_mean(metrics["base"], metrics["novel"])
+    else:
+        metrics["average"] = sum(metrics[t] for t in cell.targets) / len(cell.targets)
+
+    record = {
+        "cell": {"protocol": cell.protocol, "dataset": cell.dataset, "method": cfg.method, "seed": cfg.seed,
+                 "shots": cell.shots, "backbone": cell.backbone},
+        "params": cell.params(),
+        "metrics": metrics,
+        "per_class": per_class,
+        "test_sizes": sizes,
+        "train": {"classes": train_split.num_classes, "images": len(train_split.train),
+                  "history": history.history if history else [], "steps": history.steps if history else 0,
+                  "seconds": history.seconds if history else 0.0, "reused_adapter": reused},
+        "timings": {"train_s": t_train, "eval_s": time.perf_counter() - t_start - t_train,
+                    "total_s": time.perf_counter() - t_start},
+        **environment(),
+        "device_type": device.type,
+        "adapter": str(adapter) if model.trainable() else None,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(path, record)
+    return record
