@@ -420,9 +420,9 @@ def test_folder_dataset_is_deterministic_and_writes_a_coop_split(tmp_path):
     assert a == b and rows(a.train) != rows(c.train)
     assert a.name == "mydata" and a.classnames == ["cat", "dog", "red_fox"] and a.templates == ["a photo of my {}."]
     counts = {(part, y): sum(d.label == y for d in getattr(a, part)) for part in ("train", "val", "test") for y in range(3)}
-    assert [counts["train", y] for y in range(3)] == [5, 3, 1]    # n - round(0.2 n) - round(0.3 n)
-    assert [counts["val", y] for y in range(3)] == [2, 1, 1]
-    assert [counts["test", y] for y in range(3)] == [3, 3, 1]
+    assert [counts["val", y] for y in range(3)] == [2, 1, 1]  # round(0.2 n)
+    assert [counts["test", y] for y in range(3)] == [3, 2, 1]  # round(0.3 n)
+    assert [counts["train", y] for y in range(3)] == [5, 4, 1]  # the rest
     assert {d.impath for d in a.train + a.val + a.test} == {str(p) for p in root.glob("*/*.jpg")}
     split_file = tmp_path / "split_mydata.json"
     written = load_folder_dataset(root, seed=3, split_file=split_file)
