@@ -61,8 +61,8 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     rank: int = 8
-    lora_scale: float = 1.0          # γ in eq. 4
-    lora_dropout: float = 0.0
+    lora_scale: float = 0.25         # γ in eq. 4
+    lora_dropout: float = 0.25
     lora_towers: tuple[str, ...] = ("image", "text")
     alignnet_hidden: tuple[int, ...] = (256, 128)
     kl_weight: float = 1.0           # λ; 0 turns the KL term off

@@ -453,31 +453,36 @@ def test_csv_dataset(tmp_path):
 # ---------------------------------------------------------------------------- Dassl equivalence
 
 
-def real_split_files() -> list[tuple[Path, str]]:
+def real_split_files() -> list[Path]:
+    """CoOp's published split files in the shared folder (EuroSAT's with its images)."""
     shared = shared_dir()
     if shared is None:
         return []
-    files = [(shared / "datasets/eurosat/split_zhou_EuroSAT.json", "2750")]
-    files += [(p, "images") for p in sorted((shared / "datasets/coop_splits").glob("split_zhou_*.json"))]
-    return [(p, d) for p, d in files if p.is_file()]
+    files = [shared / "datasets/eurosat/split_zhou_EuroSAT.json"]
+    files += sorted((shared / "datasets/coop_splits").glob("split_zhou_*.json"))
+    return [p for p in files if p.is_file()]
 
 
-@pytest.mark.parametrize("split_path,image_dir", real_split_files() or [pytest.param(None, None, marks=pytest.mark.skip(
-    reason="shared CoOp split files not present"))], ids=lambda v: getattr(v, "stem", None))
-def test_fewshot_matches_dassl_on_real_split_files(split_path, image_dir):
-    image_dir = str(split_path.parent / image_dir)
-    full = load_split_file(split_path, image_dir, split_path.stem, ["{}"], check_images=False)
+@pytest.mark.parametrize("split_path", real_split_files() or [pytest.param(None, marks=pytest.mark.skip(
+    reason="shared CoOp split files not present"))], ids=lambda p: getattr(p, "stem", None))
+def test_fewshot_matches_dassl_on_real_split_files(split_path):
+    spec = next(s for s in DATASETS.values() if s.split_file == split_path.name)
+    image_dir = str(split_path.parent / spec.image_dir)
+    full = load_split_file(split_path, image_dir, spec.name, spec.templates, check_images=False)
+    ref_split = ref_read_split(split_path, image_dir)
     for seed in (1, 2, 3):
         for shots in (1, 2, 4, 8, 16):
             ours = fewshot(full, shots, seed, cache=None)
-            ref_train, ref_val, ref_test = ref_coop_dataset(split_path, image_dir, shots, seed)
+            ref_set_random_seed(seed)
+            ref_train = ref_generate_fewshot_dataset(ref_split[0], num_shots=shots)
+            ref_val = ref_generate_fewshot_dataset(ref_split[1], num_shots=min(shots, 4))
             assert rows(ours.train) == rows(ref_train) and rows(ours.val) == rows(ref_val)
-            assert rows(ours.test) == rows(ref_test) and len(ours.train) == shots * full.num_classes
-        for sub in ("base", "new"):
-            ours = subsample_classes(fewshot(full, 16, seed, cache=None), sub)
-            ref = ref_coop_dataset(split_path, image_dir, 16, seed, subsample=sub)
-            assert [rows(x) for x in (ours.train, ours.val, ours.test)] == [rows(x) for x in ref]
-            assert ours.classnames == [c for _, c in sorted({(d.label, d.classname) for d in ref[2]})]
+            assert rows(ours.test) == rows(ref_split[2]) and len(ours.train) == shots * full.num_classes
+    for seed, sub in ((1, "base"), (2, "new")):
+        ours = subsample_classes(fewshot(full, 16, seed, cache=None), sub)
+        ref = ref_coop_dataset(split_path, image_dir, 16, seed, subsample=sub)
+        assert [rows(x) for x in (ours.train, ours.val, ours.test)] == [rows(x) for x in ref]
+        assert ours.classnames == [c for _, c in sorted({(d.label, d.classname) for d in ref[2]})]
 
 
 def test_fewshot_matches_dassl_with_small_classes_and_interleaved_labels(tmp_path):
@@ -573,7 +578,7 @@ def test_subsample_classes_relabels_each_half():
     base, novel = subsample_classes(s, "base"), subsample_classes(s, "novel")
     assert base.classnames == ["c0", "c1", "c2"] and novel.classnames == ["c3", "c4"]
     assert [(d.label, d.classname) for d in novel.train] == [(1, "c4")] * 2 + [(0, "c3")] * 2
-    assert [d.label for d in base.test] == [0, 0, 2, 2, 1, 1] and [d.label for d in base.val] == [0, 0]
+    assert [d.label for d in base.test] == [0, 0, 1, 1, 2, 2] and [d.label for d in base.val] == [0, 0]
     assert subsample_classes(s, "new") == novel and subsample_classes(s, "all") is s
     assert base.num_classes + novel.num_classes == 5
 
@@ -681,8 +686,8 @@ def test_error_user_datasets(tmp_path):
     with pytest.raises(DatasetError, match=r"class folders without images .*\['bird'\]"):
         load_folder_dataset(tmp_path / "d")
     (tmp_path / "d/bird").rmdir()
-    with pytest.raises(DatasetError, match=r"too small to keep a training image .*dog \(1\)"):
-        load_folder_dataset(tmp_path / "d", val_frac=0.5, test_frac=0.49)
+    with pytest.raises(DatasetError, match=r"too small to keep a training image .*: cat \(3\)\."):
+        load_folder_dataset(tmp_path / "d", val_frac=0.5, test_frac=0.49)  # 3 images: 2 val, 1 test
     with pytest.raises(DatasetError, match="sum below 1"):
         load_folder_dataset(tmp_path / "d", val_frac=0.6, test_frac=0.4)
     with pytest.raises(DatasetError, match="must contain '{}'"):
