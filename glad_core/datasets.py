@@ -18,7 +18,10 @@ the 1000 classes: like CoOp, their sorted wnid folders are relabelled 0..199 and
 holds only those 200 names, so a classifier built from `Splits.classnames` is 200-way. Each variant
 reads its own `classnames.txt` (CoOp's layout) or, when absent, `<data_root>/imagenet/classnames.txt`.
 Class names keep CoOp's spelling, underscores included (CoOp replaces "_" by " " when it builds
-prompts). Templates are CoOp's `CUSTOM_TEMPLATES` (trainers/zsclip.py).
+prompts). Templates are CoOp's `CUSTOM_TEMPLATES` (trainers/zsclip.py). Images in class folders are
+listed sorted by name; CoOp lists them in `os.listdir` order, which depends on the file system, so
+ImageNet's few-shot selections equal CoOp's only where that order is the sorted one. The split-file
+datasets and FGVC-Aircraft have a fixed order and match exactly.
 
 Few-shot sampling is Dassl's
 ----------------------------
@@ -41,6 +44,10 @@ yields after `random.seed(S)`, without touching global state. Base/novel subsamp
 (`subsample_classes`) comes after few-shot sampling, as in CoOp/CoCoOp. Two CoOp quirks: its
 `--seed 0` is ignored (`if args.seed:`), so CoOp's runs use seeds >= 1; and classes smaller than K
 are silently repeated, which `fewshot` keeps (with a warning) unless `strict=True`.
+
+The equivalence rests on Python's `random.Random(S)`, `sample` and `choices` drawing the same
+numbers as in the Python CoOp ran on; tests/test_datasets.py checks it against a literal
+transcription of Dassl's code on CoOp's published split files.
 
 Selections are cached like CoOp's `split_fewshot/shot_{K}-seed_{S}.pkl`, as
 `split_fewshot/shot_{K}-seed_{S}.json` in the dataset's folder when it is writable, else under the
@@ -149,11 +156,13 @@ def load_dataset(name: str, data_root: str | Path | None = None) -> Splits:
     """Load a registered dataset as train / val / test lists.
 
     `data_root` is the folder holding the standard datasets in CoOp's layout (e.g. the folder that
-    contains `eurosat/`); demo sets always live under the cache's `data/` folder and ignore it.
+    contains `eurosat/`). Demo sets ignore it: they live under the cache's `data/` folder and are
+    built there on first use (`glad_core.demo_data.prepare_demo_data`).
     """
     spec = dataset_spec(name)
     if spec.demo:
-        root = cache_dir() / "data"
+        from .demo_data import prepare_demo_data
+        root = prepare_demo_data(names=[name])
     elif data_root is None:
         raise DatasetError(
             f"dataset {name!r} needs a data root: pass --data-root (data_root=...) pointing at the folder "
@@ -175,22 +184,21 @@ def load_dataset(name: str, data_root: str | Path | None = None) -> Splits:
 
 
 def _missing_folder_message(spec: DatasetSpec, root: Path, folder: Path) -> str:
-    if spec.demo:
-        return (f"demo dataset {spec.name!r} not found: {folder} does not exist. Demo data is created "
-                "under the cache's data/ folder by glad_core.demo_data.")
     wanted = [f"{spec.image_dir}/" if spec.image_dir else "the image folders"]
     if spec.split_file:
         wanted.append(spec.split_file)
-    where = "" if root.is_dir() else f" (the data root {root} itself does not exist)"
+    if not root.is_dir():
+        where = f" (the data root {root} itself does not exist)"
+    elif root.name == spec.folder:
+        where = f" (the data root looks like the dataset folder itself: pass its parent {root.parent})"
+    else:
+        where = ""
     return (f"dataset {spec.name!r} not found: folder {folder} does not exist{where}. Datasets are "
             f"expected in the layout of {LAYOUT_DOC}: {spec.folder}/ holding {' and '.join(wanted)}. "
             f"Pass as data root the folder that contains {spec.folder}/.")
 
 
 def _missing_split_message(spec: DatasetSpec, split_path: Path) -> str:
-    if spec.demo:
-        return (f"demo dataset {spec.name!r} has no split file {split_path}; recreate the demo data "
-                "with glad_core.demo_data.")
     url = SPLIT_URLS.get(spec.name, "the Google Drive links in CoOp's DATASETS.md")
     return (f"split file missing: {split_path}. CoOp publishes {spec.split_file} (see {LAYOUT_DOC}; "
             f"direct link: {url}); download it into {split_path.parent}/.")
@@ -487,8 +495,8 @@ def _split_by_class(by_class: dict[str, list[str]], name: str, template: str, va
 # ----------------------------------------------------------------------------- few-shot sampling
 
 
-def fewshot(splits: Splits, shots: int, seed: int,
-            cache: Path | str | None | Literal["auto"] = "auto", strict: bool = False) -> Splits:
+def fewshot(splits: Splits, shots: int, seed: int, cache: str | Path | None = "auto",
+            strict: bool = False) -> Splits:
     """K-shot train and min(K, 4)-shot val lists, selected exactly as Dassl's generate_fewshot_dataset.
 
     `shots < 1` returns `splits` unchanged (CoOp's "all data"). `cache`: "auto" (the dataset's
@@ -507,7 +515,7 @@ def fewshot(splits: Splits, shots: int, seed: int,
     parts = {"train": shots, "val": min(shots, VAL_SHOTS)} if sample_val else {"train": shots}
     _check_class_sizes(splits, parts, strict)
     paths = [d / f"shot_{shots}-seed_{seed}.json" for d in _cache_dirs(splits, cache)]
-    key = _fingerprint(splits, parts)
+    key = _fingerprint(splits, parts) if paths else ""
     picked = None
     for path in paths:
         picked = _read_cache(path, key, splits, parts)
@@ -553,15 +561,14 @@ def _check_class_sizes(splits: Splits, parts: dict[str, int], strict: bool) -> N
 
 
 def _fingerprint(splits: Splits, parts: Iterable[str]) -> str:
-    """Hash of the sampled lists: paths relative to their common folder, labels, class names."""
+    """Hash of the sampled lists: paths below their common folder, labels, class names."""
     lists = [getattr(splits, part) for part in parts]
-    paths = [d.impath for items in lists for d in items]
-    common = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
-    rows = [[[os.path.relpath(d.impath, common), d.label, d.classname] for d in items] for items in lists]
+    cut = os.path.commonprefix([d.impath for items in lists for d in items]).rfind(os.sep) + 1
+    rows = [[[d.impath[cut:], d.label, d.classname] for d in items] for items in lists]
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
-def _cache_dirs(splits: Splits, cache: Path | str | None) -> list[Path]:
+def _cache_dirs(splits: Splits, cache: str | Path | None) -> list[Path]:
     """Folders to read / write the selection, best first."""
     if cache is None:
         return []

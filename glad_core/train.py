@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -151,8 +150,10 @@ class GladModel(nn.Module):
 
 def train_transform(clip: nn.Module, scale_min: float = 0.5) -> Callable:
     """open_clip's training transform for this model (random resized crop, its mean / std)."""
-    cfg = open_clip.PreprocessCfg(**clip.visual.preprocess_cfg)
-    return open_clip.image_transform_v2(cfg, is_train=True, aug_cfg=open_clip.AugmentationCfg(scale=(scale_min, 1.0)))
+    from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
+
+    cfg = PreprocessCfg(**clip.visual.preprocess_cfg)
+    return image_transform_v2(cfg, is_train=True, aug_cfg=AugmentationCfg(scale=(scale_min, 1.0)))
 
 
 @dataclass

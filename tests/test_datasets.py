@@ -286,6 +286,26 @@ def test_demo_sets_are_merged():
         assert name in names and spec.demo and ds.dataset_spec(name) is (DATASETS.get(name) or spec)
 
 
+def test_demo_set_loads_from_the_cache(tmp_path):
+    """A demo set already built under the cache's data/ folder loads without a data root."""
+    try:
+        from glad_core.demo_data import DEMO_DATASETS
+    except ImportError:
+        pytest.skip("glad_core.demo_data not available")
+    name, spec = next(iter(DEMO_DATASETS.items()))
+    folder = tmp_path / "glad-cache/data" / spec.folder
+    split = {"train": [], "val": [], "test": []}
+    for y, cname in enumerate(["shirt", "shoe"]):
+        for i, part in enumerate(("train", "train", "val", "test")):
+            write_image(folder / spec.image_dir / cname / f"{i}.png")
+            split[part].append([f"{cname}/{i}.png", y, cname])
+    (folder / spec.split_file).write_text(json.dumps(split))
+    s = load_dataset(name)
+    assert s.classnames == ["shirt", "shoe"] and s.test[1].impath == str(folder / spec.image_dir / "shoe/3.png")
+    fewshot(s, 1, 1)
+    assert (folder / "split_fewshot/shot_1-seed_1.json").is_file()
+
+
 # ---------------------------------------------------------------------------- loaders
 
 
@@ -419,7 +439,8 @@ def test_folder_dataset_is_deterministic_and_writes_a_coop_split(tmp_path):
     c = load_folder_dataset(root, template="a photo of my {}.", seed=4)
     assert a == b and rows(a.train) != rows(c.train)
     assert a.name == "mydata" and a.classnames == ["cat", "dog", "red_fox"] and a.templates == ["a photo of my {}."]
-    counts = {(part, y): sum(d.label == y for d in getattr(a, part)) for part in ("train", "val", "test") for y in range(3)}
+    counts = {(part, y): sum(d.label == y for d in getattr(a, part))
+              for part in ("train", "val", "test") for y in range(3)}
     assert [counts["val", y] for y in range(3)] == [2, 1, 1]  # round(0.2 n)
     assert [counts["test", y] for y in range(3)] == [3, 2, 1]  # round(0.3 n)
     assert [counts["train", y] for y in range(3)] == [5, 4, 1]  # the rest
@@ -433,7 +454,8 @@ def test_folder_dataset_is_deterministic_and_writes_a_coop_split(tmp_path):
 
 def test_csv_dataset(tmp_path):
     make_folder_tree(tmp_path / "imgs", {"b_class": 4, "a_class": 4})
-    lines = ["path,label,split"] + [f"imgs/{c}/img_{i:02d}.jpg,{c},{'train' if i < 2 else 'val' if i == 2 else 'test'}"
+    part = ["train", "train", "val", "test"]
+    lines = ["path,label,split"] + [f"imgs/{c}/img_{i:02d}.jpg,{c},{part[i]}"
                                     for c in ("b_class", "a_class") for i in range(4)]
     (tmp_path / "with_split.csv").write_text("\n".join(lines) + "\n\n")
     s = load_csv_dataset(tmp_path / "with_split.csv")
@@ -603,11 +625,14 @@ def test_error_missing_dataset_folder(tmp_path):
         load_dataset("caltech101", tmp_path)
     with pytest.raises(DatasetError, match="data root .*nowhere itself does not exist"):
         load_dataset("caltech101", tmp_path / "nowhere")
+    make_split_dataset(tmp_path, "eurosat", ["Forest"])
+    with pytest.raises(DatasetError, match=f"looks like the dataset folder itself: pass its parent {tmp_path}"):
+        load_dataset("eurosat", tmp_path / "eurosat")
 
 
 def test_error_missing_split_file(tmp_path):
     (tmp_path / "eurosat/2750").mkdir(parents=True)
-    with pytest.raises(DatasetError, match="split_zhou_EuroSAT.json.*drive.google.com/file/d/1Ip7yaCWFi0eaOFUGga0lUdVi"):
+    with pytest.raises(DatasetError, match="split_zhou_EuroSAT.json.*drive.google.com/file/d/1Ip7yaCWFi0eaOF"):
         load_dataset("eurosat", tmp_path)
 
 
@@ -616,7 +641,7 @@ def test_error_split_names_missing_images(tmp_path):
     gone = sorted((tmp_path / "dtd/images/blotchy").iterdir())[:3]
     for p in gone:
         p.unlink()
-    with pytest.raises(DatasetError, match=r"3 of 18 images named in split file .* are missing, e\.g\. .*blotchy_0\.jpg"):
+    with pytest.raises(DatasetError, match=r"3 of 18 images named in split file .* missing, e\.g\. .*blotchy_0\.jpg"):
         load_dataset("dtd", tmp_path)
 
 
@@ -657,11 +682,12 @@ def test_error_imagenet_layout(tmp_path):
 def test_error_more_shots_than_a_class_holds(tmp_path):
     make_split_dataset(tmp_path, "eurosat", ["Forest", "River"], per_class=(3, 2, 1))
     s = load_dataset("eurosat", tmp_path)
-    with pytest.raises(DatasetError, match=r"2 train classes hold fewer than 4 images: Forest \(3\), River \(3\).*strict=False"):
+    with pytest.raises(DatasetError, match=r"2 train classes hold fewer than 4 images: Forest \(3\), River \(3\).*"
+                                           "strict=False"):
         fewshot(s, 4, 1, strict=True, cache=None)
     with pytest.warns(UserWarning, match=r"2 val classes hold fewer than 4 images.*with replacement"):
         got = fewshot(s, 4, 1, cache=None)
-    assert len(got.train) == 8 and len({d.impath for d in got.train}) == 6  # repeats, as Dassl
+    assert len(got.train) == 8 and len({d.impath for d in got.train}) < 8  # repeats, as Dassl
 
 
 def test_error_fewshot_and_subsample_arguments(tmp_path):

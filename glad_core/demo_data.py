@@ -1,0 +1,461 @@
+"""Embedded demo datasets, built from three Debian packages of labelled images.
+
+The packages are fetched with `apt-get download` (no root needed) and only their image files are
+unpacked into `cache_dir()/debian/`; packages already installed system-wide, or unpacked by hand
+under `$GLAD_DEBIAN_ROOT`, are used in place. Each dataset is written in CoOp's layout to
+`cache_dir()/data/<folder>/`: PNG images under `images/<class>/` and a split file
+`split_glad_<Name>.json` = {"train"|"val"|"test": [[impath relative to images/, label, classname]]}.
+
+Datasets (`DEMO_DATASETS`):
+
+* `fashion_mnist` (base-to-novel; `dataset-fashion-mnist`, MIT): 10 classes of 28x28 grey
+  product photos. Per class, 100 train and 20 val images from the official training set and
+  100 test images from the official test set. Pixels are inverted to dark-on-light (the originals
+  are light-on-dark; CLIP, pretrained on photos, reads dark objects on a light ground better).
+* `clipart` (base-to-novel; `openclipart-png`, public domain): 16 object classes from the
+  OpenClipart folders holding 25+ images, in folder order (so base = animals, houses, computers,
+  food; novel = clothing, flowers, music, sports, toys, clocks, tools, vehicles). A few files that
+  are not the folder's object (diagrams, people, road signs, ...) are left out.
+* `tuxpaint` (`tuxpaint-stamps-default`, GPL-2+): 10 coarse classes of photo cut-outs (clothing
+  is drawn). The "ImageNet" of the demo: the source of the cross-dataset and domain-generalization
+  protocols.
+* `clipart10` (`openclipart-png`): the same 10 classes, class names and label order as
+  `tuxpaint`, as clip art: the domain-generalization target.
+
+`fashion_mnist` is the cross-dataset target: its garment names share no class name with
+`tuxpaint` (whose "clothing" is their super-class, a deliberate semantic overlap).
+
+Cut-outs are cropped to their opaque area, fitted into 208x208 and centred on a white square of at
+most 224x224 (so a centre crop keeps the whole object). Exact duplicate files are kept once and
+sources above 25 megapixels are skipped (they take seconds each to decode).
+
+Splits are fixed: files are sorted, then ordered within each class by SHA-256 of
+"<seed>:<path>" (independent of Python/NumPy versions), and cut per class into
+train / val / test = about 50/20/30 % (`clipart`), 65/10/25 % (`tuxpaint`: small, so as much
+training data as a usable test set allows) and 30/10/60 % (`clipart10`: a target, its test set
+matters most), with at least one image in each.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import warnings
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path, PurePosixPath
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from .data import DatasetSpec, Datum, Splits
+from .paths import cache_dir
+
+SEED = 1
+MAX_SIDE = 224
+PAD = 8
+MAX_SOURCE_PIXELS = 25_000_000
+SPLITS = ("train", "val", "test")
+
+
+class DemoDataUnavailable(RuntimeError):
+    """The Debian packages cannot be fetched here (no apt-get / dpkg-deb) and are not unpacked."""
+
+
+@dataclass(frozen=True)
+class Package:
+    """A Debian package and the directory (inside it) whose files the demo sets use."""
+
+    name: str
+    content: str
+    suffix: str
+
+
+FASHION = Package("dataset-fashion-mnist", "usr/share/datasets/fashion-mnist", ".gz")
+TUXPAINT = Package("tuxpaint-stamps-default", "usr/share/tuxpaint/stamps", ".png")
+OPENCLIPART = Package("openclipart-png", "usr/share/openclipart/png", ".png")
+PACKAGES = {p.name: p for p in (FASHION, TUXPAINT, OPENCLIPART)}
+
+
+@dataclass(frozen=True)
+class _Class:
+    """A class: globs (relative to the package's content dir) minus fnmatch exclusions."""
+
+    name: str
+    include: tuple[str, ...]
+    exclude: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    package: Package
+    classes: tuple[_Class, ...]
+    p_val: float
+    p_test: float
+    exclude: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class _Item:
+    split: str
+    label: int
+    classname: str
+    impath: str  # relative to the dataset's image_dir
+    source: Path | np.ndarray  # a cut-out file, or a 28x28 Fashion-MNIST image
+
+
+FASHION_CLASSES = ("T-shirt", "trouser", "pullover", "dress", "coat",
+                   "sandal", "shirt", "sneaker", "bag", "ankle boot")
+FASHION_PER_CLASS = {"train": 100, "val": 20, "test": 100}
+
+# Tux Paint (photos) and OpenClipart (clip art) versions of the same 10 classes.
+_TUX10 = (
+    _Class("mammal", ("animals/mammals/**/*.png", "animals/marsupials/*.png"), ("*/edward_bear.png",)),
+    _Class("bird", ("animals/birds/*.png",)),
+    _Class("fruit", ("food/fruit/*.png",)),
+    _Class("flower", ("plants/flowers/**/*.png",)),
+    _Class("vegetable", ("food/vegetables/*.png",)),
+    _Class("clothing", ("clothes/**/*.png",), ("clothes/button.png", "clothes/clothespin_*")),
+    _Class("fish", ("animals/fish/*.png",), ("*/lobster.png", "*/shrimp.png")),
+    _Class("musical instrument", ("hobbies/music/**/*.png",)),
+    _Class("insect", ("animals/insects/*.png",), ("*/Brown_slug.png", "*/Woodlouse.png")),
+    _Class("tree", ("plants/trees/*.png", "seasonal/christmas/Christmas_Tree_photo*.png"),
+           ("*/holly_leaves.png", "*/pinecone.png", "*/rambutan.png")),
+)
+_CLIP = {
+    "mammal": _Class("mammal", ("animals/mammals/*.png", "animals/mammals/*/*.png"),
+                     ("*_peterm_*", "*/emule_icon_*")),
+    "bird": _Class("bird", ("animals/birds/*.png", "animals/birds/penguin/*.png"),
+                   ("*tux*", "*/contour_bat*", "*/duck_yellow_ii_*", "*/manager_mimooh*",
+                    "*/mirjam_meijer*", "*/turkey_on_platte*", "*/wing_mitchell*")),
+    "fruit": _Class("fruit", ("food/fruit/*.png",),
+                    ("*/apple_juice*", "*/champignon*", "*/gumnut*", "*/juice_glass*", "*/kallisti*",
+                     "*/pie_*", "*/slate-apple*", "*/straw_tote*", "*/tile_orange*",
+                     "*/tree_whit_fruits*", "*/turkey_platter*")),
+    "flower": _Class("flower", ("plants/flowers/*.png",), ("*/cactus_*", "*/mirjam_meijer*")),
+    "vegetable": _Class("vegetable", ("food/vegetables/*.png", "plants/potato_*.png",
+                                      "plants/cayennepepper*.png", "plants/champignon_*.png")),
+    "clothing": _Class("clothing", ("people/clothing/*.png", "people/clothing/hats/*.png"),
+                       ("*/earring*", "*/gold_chain*", "*/shoe_print*", "*/straw_tote*",
+                        "*/sunglasses*", "*/feet_in_sandals*", "*/magic_hat*", "*crown*",
+                        "*/jacob_leisler*")),
+    "fish": _Class("fish", ("animals/fish/*.png",),
+                   ("*/amibe_*", "*/bluewhale*", "*/crawfish*", "*/dolphin*", "*/kallisti*",
+                    "*/orca_*", "*/paesaggio*")),
+    "musical instrument": _Class(
+        "musical instrument", ("recreation/music/*.png",),
+        ("*/45_rpm_*", "*/a_man_singing*", "*/bach_*", "*/bass_clef*", "*/beethoveo*", "*/boombox*",
+         "*note*", "*croche*", "*/fifties_jukebox*", "*/gramophone*", "*/handel_*", "*/headphones*",
+         "*/jazz_*", "*/microphone*", "*/piano_theory*", "*/quaver*", "*/treble_*", "*_mute_*",
+         "*/vinyl_*")),
+    "insect": _Class("insect", ("animals/bugs/*.png",),
+                     ("*/lumaca*", "*/ragn*", "*/spider*", "*/virus*", "*/mostricciattolo*")),
+    "tree": _Class("tree", ("plants/trees/*.png", "plants/trees/evergreen/*.png", "plants/albero_*.png",
+                            "plants/arbre_modern_*.png"),
+                   ("*/bowsaw*", "*/bypasspruner*", "*/christmas_balls*", "*/fall_coloured_le*",
+                    "*/fall_scene*", "*/fern_*")),
+}
+_CLIP16 = (
+    _CLIP["bird"], _CLIP["insect"], _CLIP["mammal"],
+    _Class("house", ("buildings/homes/*.png",), ("*/lighthouse*",)),
+    _Class("computer hardware", ("computer/hardware/*.png",)),
+    _Class("beverage", ("food/beverages/*.png",)),
+    _Class("dessert", ("food/desserts/*.png",)),
+    _CLIP["fruit"], _CLIP["clothing"], _CLIP["flower"], _CLIP["musical instrument"],
+    _Class("sports equipment", ("recreation/sports/*.png",),
+           ("*/sport_*", "*/stylized_yoga_*", "*/a_boy_plays*", "*/backpacker*", "*/future_beckham*",
+            "*/golf_drive*", "*/hikinh*", "*/judo*", "*/karate*", "*/roller_blader*",
+            "*/water_skier*", "*/sportcar*", "*/ticket*")),
+    _Class("toy", ("recreation/toys/*.png",)),
+    _Class("clock", ("signs_and_symbols/clocks/*.png",)),
+    _Class("tool", ("tools/*.png",)),
+    _Class("vehicle", ("transportation/vehicles/*.png",),
+           ("*/crossroads*", "*/curve_ahead*", "*/cycle_lane*", "*/cycle_route*", "*/lighthouse*",
+            "*/parking_*", "*/quay_sign*")),
+)
+
+_RECIPES: dict[str, _Recipe | None] = {
+    "fashion_mnist": None,
+    "clipart": _Recipe(OPENCLIPART, _CLIP16, p_val=0.2, p_test=0.3),
+    "tuxpaint": _Recipe(TUXPAINT, _TUX10, p_val=0.1, p_test=0.25, exclude=("*cartoon*",)),
+    "clipart10": _Recipe(OPENCLIPART, tuple(_CLIP[c.name] for c in _TUX10), p_val=0.1, p_test=0.6),
+}
+
+DEMO_DATASETS: dict[str, DatasetSpec] = {
+    "fashion_mnist": DatasetSpec("fashion_mnist", "fashion_mnist", "images", "split_glad_FashionMNIST.json",
+                                 ("a photo of a {}, a type of clothing.",), demo=True),
+    "clipart": DatasetSpec("clipart", "clipart", "images", "split_glad_Clipart.json",
+                           ("a clip art of a {}.",), demo=True),
+    "tuxpaint": DatasetSpec("tuxpaint", "tuxpaint", "images", "split_glad_TuxPaint.json",
+                            ("a photo of a {}.",), demo=True),
+    "clipart10": DatasetSpec("clipart10", "clipart10", "images", "split_glad_Clipart10.json",
+                             ("a clip art of a {}.",), demo=True),
+}
+
+_NO_APT = """\
+Building the demo dataset(s) needs the Debian package(s) {packages}, but {missing} is not \
+available to fetch them. Either install the packages on a Debian/Ubuntu system, or unpack their \
+.deb files (`ar x` then `tar xf data.tar.*`) into one directory and set GLAD_DEBIAN_ROOT to it (the \
+directory that holds usr/share/). For fashion_mnist alone, with internet access, torchvision's \
+copy works too: python -c "import torchvision; torchvision.datasets.FashionMNIST('{torchvision}', \
+download=True)"."""
+
+
+def _torchvision_fashion_dir() -> Path:
+    return cache_dir() / "torchvision" / "FashionMNIST" / "raw"
+
+
+def fetch_packages(dest: Path, packages: Sequence[str] = tuple(PACKAGES)) -> None:
+    """Download `packages` with `apt-get download` and unpack their image files into `dest`.
+
+    The .deb files are kept in `cache_dir()/debs/` only until unpacked. Raises
+    `DemoDataUnavailable` (saying what to do instead) where apt-get or dpkg-deb is missing.
+    """
+    missing = [tool for tool in ("apt-get", "dpkg-deb") if shutil.which(tool) is None]
+    if missing:
+        raise DemoDataUnavailable(_NO_APT.format(packages=", ".join(packages), missing=" and ".join(missing),
+                                                 torchvision=_torchvision_fashion_dir().parent.parent))
+    debs = cache_dir() / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    _apt_download(packages, debs)
+    for name in packages:
+        deb = max(debs.glob(f"{name}_*.deb"))
+        _unpack(deb, dest, PACKAGES[name])
+        (dest / f".{name}.unpacked").touch()
+        deb.unlink()
+
+
+def _apt_download(packages: Sequence[str], cwd: Path) -> None:
+    """`apt-get download`, retried once after `apt-get update` when root (package lists may be empty)."""
+    cmd = ["apt-get", "download", *packages]
+    tqdm.write(f"Downloading {', '.join(packages)} with apt-get ...")
+    run = subprocess.run(cmd, cwd=cwd, stderr=subprocess.PIPE, text=True)
+    if run.returncode != 0 and os.geteuid() == 0:
+        subprocess.run(["apt-get", "update"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+        run = subprocess.run(cmd, cwd=cwd, stderr=subprocess.PIPE, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {run.returncode}): {run.stderr.strip()[-2000:]}\n"
+                           "Check network access to the Debian mirrors and run `apt-get update` (as root), "
+                           "or install the packages and retry.")
+
+
+def _unpack(deb: Path, dest: Path, package: Package) -> None:
+    """Extract the files (and symlinks) under `package.content` ending in `package.suffix` from `deb`."""
+    content = PurePosixPath(package.content)
+    shutil.rmtree(dest / package.content, ignore_errors=True)
+    proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+    links: list[tuple[Path, str]] = []
+    with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+        for member in tqdm(tar, desc=f"unpacking {package.name}", unit=" files"):
+            name = PurePosixPath(os.path.normpath(member.name))
+            if not (name.is_relative_to(content) and name.suffix == package.suffix):
+                continue
+            out = dest / name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if member.isfile():
+                with tar.extractfile(member) as src, open(out, "wb") as f:
+                    shutil.copyfileobj(src, f)
+            elif member.issym():
+                links.append((out, member.linkname))
+    if proc.wait() != 0:
+        raise RuntimeError(f"dpkg-deb could not read {deb}")
+    root = (dest / package.content).resolve()
+    for out, target in links:  # symlinks last, so their targets exist; only those inside the package
+        if (out.parent / target).resolve().is_relative_to(root):
+            out.unlink(missing_ok=True)
+            out.symlink_to(target)
+
+
+def content_dir(package: Package) -> Path:
+    """Where `package`'s files are: `$GLAD_DEBIAN_ROOT`, a system-wide install, or the cache (fetched if needed)."""
+    candidates = [Path(os.environ["GLAD_DEBIAN_ROOT"]) / package.content] if os.environ.get("GLAD_DEBIAN_ROOT") else []
+    candidates.append(Path("/") / package.content)
+    if package is FASHION:
+        candidates.append(_torchvision_fashion_dir())
+    for path in candidates:
+        if path.is_dir():
+            return path
+    unpacked = cache_dir() / "debian"
+    if not (unpacked / f".{package.name}.unpacked").exists():
+        fetch_packages(unpacked, [package.name])
+    return unpacked / package.content
+
+
+def _ordered(keys: Iterable[str]) -> list[str]:
+    """`keys` in a fixed pseudo-random order (SHA-256 of "<seed>:<key>")."""
+    return sorted(keys, key=lambda k: hashlib.sha256(f"{SEED}:{k}".encode()).digest())
+
+
+def _split_sizes(n: int, p_val: float, p_test: float) -> tuple[int, int, int]:
+    """Per-class (train, val, test) sizes: rounded fractions, at least one image each."""
+    n_val, n_test = max(1, round(n * p_val)), max(1, round(n * p_test))
+    if n - n_val - n_test < 1:
+        raise RuntimeError(f"a class has only {n} images; the demo sets need at least 3 per class")
+    return n - n_val - n_test, n_val, n_test
+
+
+def _dirname(classname: str) -> str:
+    return classname.lower().replace(" ", "_").replace("-", "_")
+
+
+def _read_idx(folder: Path, stem: str) -> np.ndarray:
+    """An IDX array (`stem` or `stem.gz`, as in the Debian package and in torchvision's raw folder)."""
+    path = folder / f"{stem}.gz"
+    data = gzip.decompress(path.read_bytes()) if path.exists() else (folder / stem).read_bytes()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _plan_fashion(src: Path) -> list[_Item]:
+    sets = {part: (_read_idx(src, f"{part}-images-idx3-ubyte"), _read_idx(src, f"{part}-labels-idx1-ubyte"))
+            for part in ("train", "t10k")}
+    items = []
+    for label, name in enumerate(FASHION_CLASSES):
+        for part, splits in (("train", ("train", "val")), ("t10k", ("test",))):
+            images, labels = sets[part]
+            order = [int(i) for i in _ordered(str(i) for i in np.flatnonzero(labels == label))]
+            start = 0
+            for split in splits:
+                for i in order[start:start + FASHION_PER_CLASS[split]]:
+                    items.append(_Item(split, label, name, f"{_dirname(name)}/{part}_{i:05d}.png", images[i]))
+                start += FASHION_PER_CLASS[split]
+    return items
+
+
+def _select(src: Path, cls: _Class, exclude: tuple[str, ...]) -> list[str]:
+    found = {p.relative_to(src).as_posix() for pattern in cls.include for p in src.glob(pattern) if p.is_file()}
+    return sorted(r for r in found if not any(fnmatchcase(r, x) for x in cls.exclude + exclude))
+
+
+def _too_large(path: Path) -> bool:
+    """Whether the image has more than MAX_SOURCE_PIXELS (read from its header)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                return im.width * im.height > MAX_SOURCE_PIXELS
+        except Image.DecompressionBombError:
+            return True
+
+
+def _plan_cutouts(recipe: _Recipe, src: Path) -> list[_Item]:
+    seen: set[bytes] = set()
+    items = []
+    for label, cls in enumerate(recipe.classes):
+        files = []
+        for rel in _select(src, cls, recipe.exclude):
+            if _too_large(src / rel):
+                continue
+            digest = hashlib.sha256((src / rel).read_bytes()).digest()
+            if digest not in seen:
+                seen.add(digest)
+                files.append(rel)
+        n_train, n_val, _ = _split_sizes(len(files), recipe.p_val, recipe.p_test)
+        for i, rel in enumerate(_ordered(files)):
+            split = "train" if i < n_train else "val" if i < n_train + n_val else "test"
+            items.append(_Item(split, label, cls.name, f"{_dirname(cls.name)}/{rel.replace('/', '_')}", src / rel))
+    return items
+
+
+def _plan(name: str) -> list[_Item]:
+    recipe = _RECIPES[name]
+    items = _plan_fashion(content_dir(FASHION)) if recipe is None else _plan_cutouts(recipe, content_dir(recipe.package))
+    if len({it.impath for it in items}) != len(items):
+        raise RuntimeError(f"two images of {name} map to the same file name")
+    return items
+
+
+def _split_json(items: Sequence[_Item]) -> dict[str, list[list]]:
+    return {split: [[it.impath, it.label, it.classname]
+                    for it in sorted(items, key=lambda it: (it.label, it.impath)) if it.split == split]
+            for split in SPLITS}
+
+
+def plan_splits(name: str) -> dict[str, list[list]]:
+    """The split-file content that demo set `name` is built with (fetching packages if needed, writing no images)."""
+    return _split_json(_plan(name))
+
+
+def _cutout(path: Path) -> Image.Image:
+    """Crop to the opaque area, fit into MAX_SIDE - 2*PAD and centre on a white square."""
+    with Image.open(path) as im:
+        im = im.convert("RGBA")
+    box = im.getchannel("A").getbbox()
+    if box:
+        im = im.crop(box)
+    im.thumbnail((MAX_SIDE - 2 * PAD, MAX_SIDE - 2 * PAD), Image.Resampling.LANCZOS)
+    side = max(im.size) + 2 * PAD
+    canvas = Image.new("RGBA", (side, side), (255, 255, 255, 255))
+    canvas.alpha_composite(im, ((side - im.width) // 2, (side - im.height) // 2))
+    return canvas.convert("RGB")
+
+
+def _render(item: _Item) -> Image.Image:
+    if isinstance(item.source, np.ndarray):
+        return Image.fromarray(255 - item.source, mode="L")
+    return _cutout(item.source)
+
+
+def _write_json_atomic(path: Path, obj: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=4, separators=(",", ": ")))
+    os.replace(tmp, path)
+
+
+def prepare_demo_data(force: bool = False, names: Iterable[str] | None = None) -> Path:
+    """Fetch the packages and build the demo sets (`names`, default all); return the data root.
+
+    A set whose split file exists is skipped unless `force`; the split file is written last
+    (atomically), so an interrupted build is redone from scratch on the next call.
+    """
+    root = cache_dir() / "data"
+    for name in names or DEMO_DATASETS:
+        spec = DEMO_DATASETS[name]
+        folder = root / spec.folder
+        if (folder / spec.split_file).exists() and not force:
+            continue
+        items = _plan(name)
+        image_dir = folder / spec.image_dir
+        shutil.rmtree(image_dir, ignore_errors=True)
+        for item in tqdm(items, desc=f"building {name}", unit=" images"):
+            out = image_dir / item.impath
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _render(item).save(out)
+        _write_json_atomic(folder / spec.split_file, _split_json(items))
+    return root
+
+
+def load_demo(name: str) -> Splits:
+    """Demo set `name` (built first if needed) as `Splits` with absolute image paths."""
+    spec = DEMO_DATASETS[name]
+    folder = prepare_demo_data(names=[name]) / spec.folder
+    raw = json.loads((folder / spec.split_file).read_text())
+    image_dir = folder / spec.image_dir
+    lists = {split: [Datum(str(image_dir / impath), int(label), classname) for impath, label, classname in raw[split]]
+             for split in SPLITS}
+    classes = dict(sorted({d.label: d.classname for items in lists.values() for d in items}.items()))
+    return Splits(name, list(classes.values()), list(spec.templates), **lists)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m glad_core.demo_data", description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"demo sets to build (default: all of {', '.join(DEMO_DATASETS)})")
+    parser.add_argument("--force", action="store_true", help="rebuild even if already built")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.names) - set(DEMO_DATASETS))
+    if unknown:
+        parser.error(f"unknown demo set(s) {', '.join(unknown)}; choose from {', '.join(DEMO_DATASETS)}")
+    print(prepare_demo_data(force=args.force, names=args.names or None))
+
+
+if __name__ == "__main__":
+    main()
