@@ -306,6 +306,8 @@ def top_hessian_eigenvalue(loss: Loss, params: Sequence[torch.Tensor], iters: in
     λ_max − μ, found by a second power iteration. Stops when the Rayleigh quotient changes by
     less than `tol` (relative); warns if `iters` iterations do not get there.
     """
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
     mu = _power_iteration(loss, params, 0.0, iters, tol, seed)
     if mu >= 0:
         return mu

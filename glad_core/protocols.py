@@ -29,7 +29,8 @@ from . import __version__
 from .data import Splits
 from .io import write_json
 from .lora import load_lora, save_lora
-from .train import GladModel, TrainConfig, evaluate, harmonic_mean, resolve_device, set_seed, train
+from .results import harmonic_mean
+from .train import GladModel, TrainConfig, evaluate, resolve_device, set_seed, train
 
 PROTOCOLS = ("base_to_novel", "cross_dataset", "domain_generalization")
 PAPER_TARGETS = {

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .results import harmonic_mean  # noqa: F401  (re-exported for table checks)
+
 DATA_DIR = Path(__file__).resolve().parent / "published"
 
 #: The 11 base-to-novel / cross-dataset datasets, in the usual CoOp order.
@@ -52,7 +54,3 @@ def published(table: str) -> pd.DataFrame:
             df[col] = pd.to_numeric(df[col], errors="raise").astype(float)
     return df
 
-
-def harmonic_mean(base: float, novel: float) -> float:
-    """HM as used in the base-to-novel protocol: 2*b*n/(b+n)."""
-    return 2.0 * base * novel / (base + novel)

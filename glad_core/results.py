@@ -9,6 +9,11 @@ import pandas as pd
 CELL_KEYS = ["protocol", "dataset", "method", "backbone", "shots", "seed"]
 
 
+def harmonic_mean(base: float, novel: float) -> float:
+    """HM = 2 b n / (b + n), the base-to-novel summary (0 when both are 0)."""
+    return 2 * base * novel / (base + novel) if base + novel > 0 else 0.0
+
+
 def collect(results_dir: str | Path = "results") -> pd.DataFrame:
     """Every record under `results_dir` as rows: cell keys, `split` (base / novel / hm / a target), `acc`."""
     rows = []

@@ -111,11 +111,6 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
-def harmonic_mean(base: float, novel: float) -> float:
-    """HM = 2 b n / (b + n), the base-to-novel summary (0 when both are 0)."""
-    return 2 * base * novel / (base + novel) if base + novel > 0 else 0.0
-
-
 class GladModel(nn.Module):
     """An open_clip model with LoRA (optional) and AlignNet (optional): the scorer of every method."""
 

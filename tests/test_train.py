@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from glad_core.data import Datum, ImageDataset
-from glad_core.train import METHODS, GladModel, TrainConfig, evaluate, harmonic_mean, train, train_transform
+from glad_core.results import harmonic_mean
+from glad_core.train import METHODS, GladModel, TrainConfig, evaluate, train, train_transform
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 

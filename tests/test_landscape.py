@@ -1,0 +1,299 @@
+"""Loss landscapes and sharpness against closed forms on quadratics, and on a tiny CLIP with LoRA."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from glad_core.data import Datum
+from glad_core.landscape import (dot, filter_normalize, fixed_batches, hvp, loss_fn, norm, random_direction,
+                                 surface_1d, surface_2d, top_hessian_eigenvalue, value, value_and_grad,
+                                 worst_case_rise)
+from glad_core.train import GladModel, TrainConfig
+
+# ---------------------------------------------------------------------------------------------
+# Quadratic L(θ) = ½ θᵀHθ − bᵀθ over θ = [W (3 x 2), c (2,)] flattened: g = Hθ − b, ∇²L = H.
+# ---------------------------------------------------------------------------------------------
+
+
+def _spd(eigenvalues: list[float], seed: int = 0) -> np.ndarray:
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(len(eigenvalues),) * 2))
+    return q @ np.diag(eigenvalues) @ q.T
+
+
+def _quadratic(H: np.ndarray, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    W = torch.nn.Parameter(torch.tensor(rng.normal(size=(3, 2))))
+    c = torch.nn.Parameter(torch.tensor(rng.normal(size=2)))
+    Ht, bt = torch.tensor(H), torch.tensor(rng.normal(size=8))
+
+    def loss() -> torch.Tensor:
+        x = torch.cat([W.reshape(-1), c])
+        return 0.5 * x @ Ht @ x - bt @ x
+    return [W, c], loss, Ht.numpy(), bt.numpy()
+
+
+def _flat(v) -> np.ndarray:
+    return np.concatenate([t.detach().reshape(-1).numpy() for t in v])
+
+
+def _unflat(x: np.ndarray, params) -> list[torch.Tensor]:
+    out, i = [], 0
+    for p in params:
+        out.append(torch.tensor(x[i:i + p.numel()]).view_as(p))
+        i += p.numel()
+    return out
+
+
+def _exact(H, b, x) -> float:
+    return 0.5 * x @ H @ x - b @ x
+
+
+H8 = _spd([5.0, 3.0, 2.0, 1.0, 0.5, 0.2, 0.1, 0.05])
+
+
+def test_value_grad_hvp_match_closed_form():
+    params, loss, H, b = _quadratic(H8)
+    x = _flat(params)
+    v = np.random.default_rng(2).normal(size=8)
+    f, g = value_and_grad(loss, params)
+    assert f == pytest.approx(_exact(H, b, x), rel=1e-12)
+    np.testing.assert_allclose(_flat(g), H @ x - b, rtol=1e-12)
+    np.testing.assert_allclose(_flat(hvp(loss, params, _unflat(v, params))), H @ v, rtol=1e-12)
+    assert value(loss) == f
+    assert all(p.grad is None for p in params)
+
+
+def test_surfaces_are_exact_and_oriented():
+    params, loss, H, b = _quadratic(H8)
+    x = _flat(params)
+    d1, d2 = random_direction(params, 0), random_direction(params, 1)
+    u, w = _flat(d1), _flat(d2)
+    alphas = np.linspace(-1, 1, 7)
+    np.testing.assert_allclose(surface_1d(loss, params, d1, alphas),
+                               [_exact(H, b, x + a * u) for a in alphas], rtol=1e-12)
+    grid = np.array([-1.0, 0.0, 0.5, 2.0])
+    Z = surface_2d(loss, params, d1, d2, grid)
+    expected = [[_exact(H, b, x + a * u + c * w) for a in grid] for c in grid]  # rows: d2, columns: d1
+    np.testing.assert_allclose(Z, expected, rtol=1e-12)
+    assert Z[1, 1] == pytest.approx(_exact(H, b, x), rel=1e-14)
+
+
+def test_first_order_worst_case_rise():
+    params, loss, H, b = _quadratic(H8)
+    g = H @ _flat(params) - b
+    rho = 0.3
+    expected = rho * np.linalg.norm(g) + 0.5 * rho**2 * (g @ H @ g) / (g @ g)
+    assert worst_case_rise(loss, params, rho) == pytest.approx(expected, rel=1e-12)
+
+
+def test_ascent_steps_approach_the_ball_maximum():
+    """In 2-D the exact max over the ρ-ball is found by sweeping the circle (convex L: max on the boundary)."""
+    H = _spd([4.0, 0.5], seed=3)
+    theta = torch.nn.Parameter(torch.tensor([0.05, -0.02], dtype=torch.float64))
+    Ht, bt = torch.tensor(H), torch.tensor([0.1, 0.3], dtype=torch.float64)
+
+    def loss() -> torch.Tensor:
+        return 0.5 * theta @ Ht @ theta - bt @ theta
+
+    rho = 0.5
+    x = theta.detach().numpy().copy()
+    angles = np.linspace(0, 2 * np.pi, 200_001)
+    circle = x[:, None] + rho * np.stack([np.cos(angles), np.sin(angles)])
+    best = (0.5 * np.einsum("in,ij,jn->n", circle, H, circle) - bt.numpy() @ circle).max()
+    exact = best - _exact(H, bt.numpy(), x)
+    rises = [worst_case_rise(loss, [theta], rho, steps) for steps in (0, 1, 2, 5, 30)]
+    assert all(r2 >= r1 - 1e-15 for r1, r2 in zip(rises, rises[1:]))   # more steps never lower it
+    assert rises[-1] <= exact + 1e-9
+    assert rises[-1] == pytest.approx(exact, rel=1e-6)
+    assert rises[0] < 0.99 * exact                                        # first order alone falls short here
+
+
+@pytest.mark.parametrize("eigenvalues, top", [([5.0, 3.0, 2.0, 1.0, 0.5, 0.2, 0.1, 0.05], 5.0),
+                                              ([-6.0, 4.0, 1.0, 0.5, 0.0, -1.0, -2.0, 0.3], 4.0)])
+def test_top_hessian_eigenvalue(eigenvalues, top):
+    """Largest algebraic eigenvalue, also when a negative one has the largest magnitude."""
+    params, loss, _, _ = _quadratic(_spd(eigenvalues))
+    assert top_hessian_eigenvalue(loss, params, iters=500, tol=1e-12) == pytest.approx(top, rel=1e-6)
+
+
+def test_power_iteration_warns_when_not_converged():
+    params, loss, _, _ = _quadratic(_spd([1.0, 0.99, 0.98, 0.5, 0.4, 0.3, 0.2, 0.1]))
+    with pytest.warns(RuntimeWarning, match="did not reach"):
+        top_hessian_eigenvalue(loss, params, iters=2, tol=1e-14)
+
+
+def test_every_function_restores_params_bit_exactly():
+    params, loss, _, _ = _quadratic(H8)
+    before = [p.detach().clone() for p in params]
+    d1, d2 = random_direction(params, 0), random_direction(params, 1)
+    surface_1d(loss, params, d1, [0.3, -0.7, 1.1])
+    surface_2d(loss, params, d1, d2, [0.3, -0.7])
+    worst_case_rise(loss, params, 0.1, steps=3)
+    top_hessian_eigenvalue(loss, params, iters=5)
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    assert all(p.grad is None for p in params)
+
+
+def test_params_restored_after_an_error():
+    params, loss, _, _ = _quadratic(H8)
+    before = [p.detach().clone() for p in params]
+    calls = []
+
+    def failing() -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return loss()
+
+    with pytest.raises(RuntimeError, match="boom"):
+        surface_1d(failing, params, random_direction(params, 0), [0.5, 1.0])
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+# ---------------------------------------------------------------------------------------------
+# Filter normalisation
+# ---------------------------------------------------------------------------------------------
+
+def test_filter_normalisation_matches_row_norms():
+    torch.manual_seed(0)
+    A, B, bias = torch.randn(4, 6), torch.randn(5, 4), torch.randn(5)
+    B[2] = 0  # a zero row (e.g. an untrained row of a LoRA B)
+    conv = torch.randn(3, 2, 1, 1)
+    params = [A, B, bias, conv]
+    d = random_direction(params, seed=7)
+    for p, x in zip((A, B, conv), (d[0], d[1], d[3])):
+        assert x.shape == p.shape
+        torch.testing.assert_close(x.reshape(len(x), -1).norm(dim=1), p.reshape(len(p), -1).norm(dim=1),
+                                   rtol=1e-6, atol=0)
+    assert torch.equal(d[1][2], torch.zeros(4))
+    assert torch.equal(d[2], torch.zeros(5))  # biases are not perturbed
+    # rows keep their random orientation: normalising a direction twice changes nothing
+    torch.testing.assert_close(filter_normalize(d, params)[0], d[0])
+
+
+def test_random_direction_is_seeded():
+    params = [torch.randn(3, 4), torch.randn(2, 3)]
+    a, b, c = random_direction(params, 1), random_direction(params, 1), random_direction(params, 2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+    assert abs(dot(a, c)) < norm(a) * norm(c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny CLIP with LoRA in both towers and AlignNet (GLAD), float64 for tight numerical checks
+# ---------------------------------------------------------------------------------------------
+
+CLASSNAMES, TEMPLATES = ["cat", "dog", "car"], ["a photo of a {}.", "a {}."]
+
+
+def _batches(n: int, batch_size: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 3, (n,), generator=g)
+    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n, batch_size)]
+
+
+def _glad(tiny_clip, trained: bool = True) -> GladModel:
+    clip, _, tokenizer = tiny_clip
+    model = GladModel(clip, tokenizer, TrainConfig(method="glad", rank=2, lora_dropout=0.25,
+                                                   alignnet_hidden=(16,), device="cpu"))
+    if trained:  # move B and AlignNet's output layer off their zero initialisation, as training does
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in model.trainable():
+                if not p.any():
+                    p.normal_(0, 0.05)
+    return model.double().train()
+
+
+def test_tiny_clip_loss_is_deterministic_and_batch_invariant(tiny_clip):
+    model = _glad(tiny_clip)
+    params = model.trainable()
+    split = loss_fn(model, _batches(5, 2), CLASSNAMES, TEMPLATES)
+    whole = loss_fn(model, _batches(5, 5), CLASSNAMES, TEMPLATES)
+    assert not model.training  # eval mode: LoRA dropout off
+    f1, g1 = value_and_grad(split, params)
+    f2, g2 = value_and_grad(whole, params)
+    assert value(split) == f1 and np.isfinite(f1)
+    assert f1 == pytest.approx(f2, rel=1e-12)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert norm(g1) > 0
+    assert float(split()) == pytest.approx(f1, rel=1e-12)
+
+
+def test_tiny_clip_kl_term_vanishes_at_initialisation(tiny_clip):
+    """Untrained adapters (B = 0, AlignNet output 0) leave the model zero-shot: KL(p_zs ‖ p) = 0."""
+    model = _glad(tiny_clip, trained=False)
+    batches = _batches(4, 4)
+    with_kl = value(loss_fn(model, batches, CLASSNAMES, TEMPLATES, kl_weight=1.0))
+    assert with_kl == pytest.approx(value(loss_fn(model, batches, CLASSNAMES, TEMPLATES, kl_weight=0.0)),
+                                    rel=1e-12)
+    trained = _glad(tiny_clip)
+    assert (value(loss_fn(trained, batches, CLASSNAMES, TEMPLATES, kl_weight=1.0))
+            > value(loss_fn(trained, batches, CLASSNAMES, TEMPLATES, kl_weight=0.0)))
+
+
+def test_tiny_clip_hvp_matches_finite_differences(tiny_clip):
+    model = _glad(tiny_clip)
+    params = model.trainable()
+    loss = loss_fn(model, _batches(4, 2), CLASSNAMES, TEMPLATES)
+    v = random_direction(params, 3)
+    v = [x / norm(v) for x in v]
+    h = 1e-4
+    with torch.no_grad():
+        theta = [p.clone() for p in params]
+        for p, t, x in zip(params, theta, v):
+            p.copy_(t + h * x)
+    _, g_plus = value_and_grad(loss, params)
+    with torch.no_grad():
+        for p, t, x in zip(params, theta, v):
+            p.copy_(t - h * x)
+    _, g_minus = value_and_grad(loss, params)
+    with torch.no_grad():
+        for p, t in zip(params, theta):
+            p.copy_(t)
+    fd = [(a - b) / (2 * h) for a, b in zip(g_plus, g_minus)]
+    hv = hvp(loss, params, v)
+    assert norm(hv) > 0
+    assert norm([a - b for a, b in zip(hv, fd)]) < 1e-6 * norm(hv)
+
+
+def test_tiny_clip_landscape_runs_and_restores(tiny_clip):
+    model = _glad(tiny_clip)
+    params = model.trainable()
+    loss = loss_fn(model, _batches(4, 2), CLASSNAMES, TEMPLATES)
+    before = [p.detach().clone() for p in params]
+    d1, d2 = random_direction(params, 0), random_direction(params, 1)
+    curve = surface_1d(loss, params, d1, [-0.5, 0.0, 0.5])
+    Z = surface_2d(loss, params, d1, d2, [-0.5, 0.0, 0.5])
+    f0 = value(loss)
+    assert curve[1] == f0 and Z[1, 1] == f0
+    assert np.isfinite(curve).all() and np.isfinite(Z).all()
+    rise = worst_case_rise(loss, params, rho=0.05, steps=2)
+    assert np.isfinite(rise) and rise > 0
+    lam = top_hessian_eigenvalue(loss, params, iters=100, tol=1e-6)
+    # λ_max bounds every Rayleigh quotient, e.g. along a random direction
+    u = [x / norm(d1) for x in d1]
+    assert lam >= dot(u, hvp(loss, params, u)) - 1e-9
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+def test_fixed_batches_subset_is_seeded_and_ordered(tmp_path):
+    items = []
+    for i in range(10):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (8, 8), (20 * i, 0, 0)).save(path)
+        items.append(Datum(str(path), i % 3, ["a", "b", "c"][i % 3]))
+
+    def transform(im: Image.Image) -> torch.Tensor:
+        return torch.tensor(np.asarray(im), dtype=torch.float32).permute(2, 0, 1)
+
+    a = fixed_batches(items, transform, batch_size=4, max_images=6)
+    b = fixed_batches(items, transform, batch_size=4, max_images=6)
+    assert [len(y) for _, y in a] == [4, 2]
+    assert all(torch.equal(x, x2) and torch.equal(y, y2) for (x, y), (x2, y2) in zip(a, b))
+    reds = torch.cat([x[:, 0, 0, 0] for x, _ in a])
+    assert torch.all(reds[1:] > reds[:-1])  # list order kept
+    assert sum(len(y) for _, y in fixed_batches(items, transform, batch_size=4)) == 10
