@@ -10,8 +10,9 @@ Datasets (`DEMO_DATASETS`):
 
 * `fashion_mnist` (base-to-novel; `dataset-fashion-mnist`, MIT): 10 classes of 28x28 grey
   product photos. Per class, 100 train and 20 val images from the official training set and
-  100 test images from the official test set. Pixels are inverted to dark-on-light (the originals
-  are light-on-dark; CLIP, pretrained on photos, reads dark objects on a light ground better).
+  100 test images from the official test set. Pixels are inverted to dark-on-light, like product
+  photos on a white ground, which a model pretrained on photos reads better than the light-on-dark
+  originals.
 * `clipart` (base-to-novel; `openclipart-png`, public domain): 16 object classes from the
   OpenClipart folders holding 25+ images, in folder order (so base = animals, houses, computers,
   food; novel = clothing, flowers, music, sports, toys, clocks, tools, vehicles). A few files that
@@ -34,6 +35,11 @@ Splits are fixed: files are sorted, then ordered within each class by SHA-256 of
 train / val / test = about 50/20/30 % (`clipart`), 65/10/25 % (`tuxpaint`: small, so as much
 training data as a usable test set allows) and 30/10/60 % (`clipart10`: a target, its test set
 matters most), with at least one image in each.
+
+Run `python -m glad_core.demo_data` (or `prepare_demo_data()`): about a minute, 40 MB. The unpacked
+packages in `cache_dir()/debian/` (about 220 MB) are needed only to rebuild or re-check the splits
+and may be deleted. Without apt-get / dpkg-deb, `DemoDataUnavailable` explains the alternatives
+(`$GLAD_DEBIAN_ROOT`; torchvision's copy of Fashion-MNIST).
 """
 from __future__ import annotations
 
@@ -156,7 +162,7 @@ _CLIP = {
          "*/jazz_*", "*/microphone*", "*/piano_theory*", "*/quaver*", "*/treble_*", "*_mute_*",
          "*/vinyl_*")),
     "insect": _Class("insect", ("animals/bugs/*.png",),
-                     ("*/lumaca*", "*/ragn*", "*/spider*", "*/virus*", "*/mostricciattolo*")),
+                     ("*/lumaca*", "*/ragn*", "*/spider*", "*/virus*", "*/mostriciattolo*")),
     "tree": _Class("tree", ("plants/trees/*.png", "plants/trees/evergreen/*.png", "plants/albero_*.png",
                             "plants/arbre_modern_*.png"),
                    ("*/bowsaw*", "*/bypasspruner*", "*/christmas_balls*", "*/fall_coloured_le*",
@@ -400,7 +406,7 @@ def _cutout(path: Path) -> Image.Image:
 
 def _render(item: _Item) -> Image.Image:
     if isinstance(item.source, np.ndarray):
-        return Image.fromarray(255 - item.source, mode="L")
+        return Image.fromarray(255 - item.source)  # uint8 2-D: mode "L"
     return _cutout(item.source)
 
 

@@ -275,43 +275,46 @@ def worst_case_rise(loss: Loss, params: Sequence[torch.Tensor], rho: float, step
 
 
 def _power_iteration(loss: Loss, params: Sequence[torch.Tensor], shift: float, iters: int, tol: float,
-                     seed: int) -> float:
-    """The eigenvalue of largest magnitude of H − shift·I, by v ← (H − shift·I) v / ‖·‖."""
+                     seed: int) -> tuple[float, float, bool]:
+    """v ← (H + shift·I) v / ‖·‖ from a seeded random v.
+
+    Returns the Rayleigh quotient λ = vᵀ(H + shift·I)v, ‖(H + shift·I)v‖ (a lower bound on the
+    spectral radius), and whether the relative residual ‖(H + shift·I)v − λv‖ ≤ tol·|λ| was reached.
+    """
     gen = torch.Generator().manual_seed(seed)
     v = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in params]
     v_norm = norm(v)
     v = [x / v_norm for x in v]
-    lam = None
     for _ in range(iters):
-        hv = [h - shift * x for h, x in zip(hvp(loss, params, v), v)]
-        lam_new = dot(v, hv)  # Rayleigh quotient, ‖v‖ = 1
-        hv_norm = norm(hv)
-        if hv_norm == 0:
-            return lam_new
+        hv = [h + shift * x for h, x in zip(hvp(loss, params, v), v)]
+        lam, hv_norm = dot(v, hv), norm(hv)
+        if norm([h - lam * x for h, x in zip(hv, v)]) <= tol * abs(lam):
+            return lam, hv_norm, True
         v = [h / hv_norm for h in hv]
-        if lam is not None and abs(lam_new - lam) <= tol * abs(lam_new):
-            return lam_new
-        lam = lam_new
-    warnings.warn(f"Hessian power iteration did not reach tol={tol} in {iters} iterations; "
-                  f"returning the last estimate {lam}", RuntimeWarning, stacklevel=3)
-    return lam
+    return lam, hv_norm, False
 
 
-def top_hessian_eigenvalue(loss: Loss, params: Sequence[torch.Tensor], iters: int = 50, tol: float = 1e-3,
+def top_hessian_eigenvalue(loss: Loss, params: Sequence[torch.Tensor], iters: int = 100, tol: float = 1e-3,
                            seed: int = 0) -> float:
     """λ_max of ∇²L(θ), by power iteration on Hessian-vector products.
 
-    Power iteration finds μ, the eigenvalue of largest magnitude. If μ ≥ 0 it is λ_max. If μ < 0
-    (negative curvature dominates), H − μI is positive semi-definite with top eigenvalue
-    λ_max − μ, found by a second power iteration. Stops when the Rayleigh quotient changes by
-    less than `tol` (relative); warns if `iters` iterations do not get there.
+    Power iteration converges to μ, the eigenvalue of largest magnitude; if μ ≥ 0 it is λ_max.
+    Otherwise (negative curvature dominates, or ±μ tie and the iteration cannot settle), with
+    r = ‖Hv‖ ≈ the spectral radius, H + rI has nonnegative eigenvalues and top eigenvalue
+    λ_max + r, found by a second power iteration. Converged means the relative residual
+    ‖Hv − λv‖ ≤ tol·|λ| (the eigenvalue itself is then accurate to about tol²); warns if `iters`
+    iterations do not get there and returns the last estimate.
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
-    mu = _power_iteration(loss, params, 0.0, iters, tol, seed)
-    if mu >= 0:
-        return mu
-    return _power_iteration(loss, params, mu, iters, tol, seed) + mu
+    lam, radius, converged = _power_iteration(loss, params, 0.0, iters, tol, seed)
+    if not (converged and lam >= 0):
+        lam_shifted, _, converged = _power_iteration(loss, params, radius, iters, tol, seed)
+        lam = lam_shifted - radius
+    if not converged:
+        warnings.warn(f"Hessian power iteration did not reach tol={tol} in {iters} iterations; "
+                      f"returning the last estimate {lam:.6g}", RuntimeWarning, stacklevel=2)
+    return lam
 
 
 # ---------------------------------------------------------------------------------------------

@@ -110,12 +110,15 @@ def test_ascent_steps_approach_the_ball_maximum():
     assert rises[0] < 0.99 * exact                                        # first order alone falls short here
 
 
-@pytest.mark.parametrize("eigenvalues, top", [([5.0, 3.0, 2.0, 1.0, 0.5, 0.2, 0.1, 0.05], 5.0),
-                                              ([-6.0, 4.0, 1.0, 0.5, 0.0, -1.0, -2.0, 0.3], 4.0)])
+@pytest.mark.parametrize("eigenvalues, top", [
+    ([5.0, 3.0, 2.0, 1.0, 0.5, 0.2, 0.1, 0.05], 5.0),    # positive definite
+    ([-6.0, 4.0, 1.0, 0.5, 0.0, -1.0, -2.0, 0.3], 4.0),  # a negative eigenvalue dominates
+    ([4.0, -4.0, 1.0, 0.5, 0.0, -1.0, -2.0, 0.3], 4.0),  # ±4 tie: plain power iteration cannot settle
+])
 def test_top_hessian_eigenvalue(eigenvalues, top):
-    """Largest algebraic eigenvalue, also when a negative one has the largest magnitude."""
+    """The largest algebraic eigenvalue, whatever the sign of the one of largest magnitude."""
     params, loss, _, _ = _quadratic(_spd(eigenvalues))
-    assert top_hessian_eigenvalue(loss, params, iters=500, tol=1e-12) == pytest.approx(top, rel=1e-6)
+    assert top_hessian_eigenvalue(loss, params, iters=500, tol=1e-8) == pytest.approx(top, rel=1e-10)
 
 
 def test_power_iteration_warns_when_not_converged():
@@ -131,7 +134,7 @@ def test_every_function_restores_params_bit_exactly():
     surface_1d(loss, params, d1, [0.3, -0.7, 1.1])
     surface_2d(loss, params, d1, d2, [0.3, -0.7])
     worst_case_rise(loss, params, 0.1, steps=3)
-    top_hessian_eigenvalue(loss, params, iters=5)
+    top_hessian_eigenvalue(loss, params, iters=50, tol=1e-3)
     assert all(torch.equal(p, q) for p, q in zip(params, before))
     assert all(p.grad is None for p in params)
 
@@ -188,6 +191,15 @@ def test_random_direction_is_seeded():
 CLASSNAMES, TEMPLATES = ["cat", "dog", "car"], ["a photo of a {}.", "a {}."]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model's matrices are too small to gain from threads; one avoids their synchronisation."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _batches(n: int, batch_size: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     x, y = torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 3, (n,), generator=g)
@@ -198,13 +210,18 @@ def _glad(tiny_clip, trained: bool = True) -> GladModel:
     clip, _, tokenizer = tiny_clip
     model = GladModel(clip, tokenizer, TrainConfig(method="glad", rank=2, lora_dropout=0.25,
                                                    alignnet_hidden=(16,), device="cpu"))
-    if trained:  # move B and AlignNet's output layer off their zero initialisation, as training does
-        torch.manual_seed(1)
-        with torch.no_grad():
-            for p in model.trainable():
-                if not p.any():
-                    p.normal_(0, 0.05)
+    if trained:
+        _train(model)
     return model.double().train()
+
+
+def _train(model: GladModel) -> None:
+    """Move B and AlignNet's output layer off their zero initialisation, as training does."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.trainable():
+            if not p.any():
+                p.normal_(0, 0.05)
 
 
 def test_tiny_clip_loss_is_deterministic_and_batch_invariant(tiny_clip):
@@ -220,7 +237,7 @@ def test_tiny_clip_loss_is_deterministic_and_batch_invariant(tiny_clip):
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     assert norm(g1) > 0
-    assert float(split()) == pytest.approx(f1, rel=1e-12)
+    assert split().item() == pytest.approx(f1, rel=1e-12)
 
 
 def test_tiny_clip_kl_term_vanishes_at_initialisation(tiny_clip):
@@ -230,9 +247,9 @@ def test_tiny_clip_kl_term_vanishes_at_initialisation(tiny_clip):
     with_kl = value(loss_fn(model, batches, CLASSNAMES, TEMPLATES, kl_weight=1.0))
     assert with_kl == pytest.approx(value(loss_fn(model, batches, CLASSNAMES, TEMPLATES, kl_weight=0.0)),
                                     rel=1e-12)
-    trained = _glad(tiny_clip)
-    assert (value(loss_fn(trained, batches, CLASSNAMES, TEMPLATES, kl_weight=1.0))
-            > value(loss_fn(trained, batches, CLASSNAMES, TEMPLATES, kl_weight=0.0)))
+    _train(model)
+    assert (value(loss_fn(model, batches, CLASSNAMES, TEMPLATES, kl_weight=1.0))
+            > value(loss_fn(model, batches, CLASSNAMES, TEMPLATES, kl_weight=0.0)))
 
 
 def test_tiny_clip_hvp_matches_finite_differences(tiny_clip):
@@ -273,7 +290,7 @@ def test_tiny_clip_landscape_runs_and_restores(tiny_clip):
     assert np.isfinite(curve).all() and np.isfinite(Z).all()
     rise = worst_case_rise(loss, params, rho=0.05, steps=2)
     assert np.isfinite(rise) and rise > 0
-    lam = top_hessian_eigenvalue(loss, params, iters=100, tol=1e-6)
+    lam = top_hessian_eigenvalue(loss, params, iters=200, tol=1e-2)
     # λ_max bounds every Rayleigh quotient, e.g. along a random direction
     u = [x / norm(d1) for x in d1]
     assert lam >= dot(u, hvp(loss, params, u)) - 1e-9

@@ -1,0 +1,220 @@
+"""Batch runs: every cell of parameter grids as a papermill execution of its protocol's notebook.
+
+    python -m glad_core.batch params/demo/*.yaml                       # run what is missing
+    python -m glad_core.batch params/base_to_novel.yaml --dry-run      # the plan, done / todo
+    python -m glad_core.batch params/base_to_novel.yaml --shard 0/4 --set data_root=/data
+
+Each cell (one dataset, method and seed) executes `notebooks/<protocol>.ipynb` with the cell's flat
+parameters injected; the executed notebook is written beside the cell's record
+(`shots16_seed1.ipynb` next to `shots16_seed1.json`), its figure too.
+
+- Resume: a cell is done when its record exists and its executed notebook finished without error;
+  `--only-missing` counts a record alone as done (e.g. cells run with `python -m glad_core run`).
+  A cell whose record exists only re-renders its notebook; nothing is trained again.
+- Failures: a failed cell is reported with its executed notebook (which holds the traceback) and
+  the other cells go on; the exit code is 1 when any cell failed.
+- Sharding: `--shard i/n` (0 <= i < n) takes units i, i+n, i+2n, ... of the plan, so n machines
+  (or one process per GPU, with CUDA_VISIBLE_DEVICES) never write the same cell. A unit is the
+  cells that share one trained adapter (cross-dataset and domain-generalization cells of the same
+  source and training parameters), so an adapter is trained once, on one shard.
+
+Several parameter files form one plan; a cell named by two files is run once (two files giving
+it different parameters are an error, since the record path would be shared).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import params as P
+from .__main__ import _parse_overrides
+from .protocols import Cell
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = {"base_to_novel": "base_to_novel.ipynb", "cross_dataset": "cross_dataset.ipynb",
+             "domain_generalization": "domain_shift.ipynb"}
+
+
+class BatchError(RuntimeError):
+    """The plan cannot be run as asked (conflicting cells, missing kernel, bad shard)."""
+
+
+@dataclass
+class Job:
+    """One cell and the notebook execution that produces its record."""
+
+    cell: Cell
+    params: dict[str, Any]  # flat parameters injected into the notebook (one dataset, method, seed)
+    notebook: Path
+
+    @property
+    def output(self) -> Path:
+        """The executed notebook, beside the record."""
+        return self.cell.record_path.with_suffix(".ipynb")
+
+    @property
+    def unit(self) -> str:
+        """Cells with the same trained adapter form one unit (the adapter path is unique otherwise)."""
+        return str(self.cell.adapter_path())
+
+    @property
+    def label(self) -> str:
+        c = self.cell
+        return f"{c.protocol} {c.dataset} {c.train.method} seed {c.train.seed}"
+
+
+def _absolute(p: dict[str, Any]) -> dict[str, Any]:
+    """Paths made absolute, so the notebook (run in notebooks/) writes where the caller meant."""
+    out = {**p, "results_dir": os.path.abspath(p["results_dir"])}
+    if out["data_root"] is not None:
+        out["data_root"] = os.path.abspath(os.path.expanduser(out["data_root"]))
+    if out["pretrained"] is not None and os.path.exists(os.path.expanduser(out["pretrained"])):
+        out["pretrained"] = os.path.abspath(os.path.expanduser(out["pretrained"]))
+    return out
+
+
+def plan(sources: Sequence[str | Path | dict[str, Any]], overrides: dict[str, Any] | None = None) -> list[Job]:
+    """Every cell of the grids, one job each, deduplicated, with the cells of a unit adjacent."""
+    jobs: dict[Path, Job] = {}
+    for source in sources:
+        p = _absolute(P.load(source, **(overrides or {})))
+        flat = {k: v for k, v in p.items() if k not in P.GRID_KEYS}
+        for cell in P.cells(p):
+            job = Job(cell, {**flat, "dataset": cell.dataset, "method": cell.train.method, "seed": cell.train.seed},
+                      NOTEBOOK_DIR / NOTEBOOKS[cell.protocol])
+            seen = jobs.setdefault(cell.record_path, job)
+            if seen.cell.params() != cell.params():
+                diff = sorted(k for k, v in cell.params().items() if seen.cell.params()[k] != v)
+                raise BatchError(f"two parameter sets write the same record {cell.record_path} with different "
+                                 f"{diff}; give one of them its own results_dir")
+    units: dict[str, list[Job]] = {}
+    for job in jobs.values():
+        units.setdefault(job.unit, []).append(job)
+    return [job for unit in units.values() for job in unit]
+
+
+def shard(jobs: list[Job], index: int, count: int) -> list[Job]:
+    """Units index, index + count, ... of the plan (disjoint over index, together the whole plan)."""
+    if not 0 <= index < count:
+        raise BatchError(f"shard {index}/{count}: need 0 <= i < n")
+    units = list(dict.fromkeys(job.unit for job in jobs))
+    mine = set(units[index::count])
+    return [job for job in jobs if job.unit in mine]
+
+
+def _finished(notebook: Path) -> bool:
+    """Whether an executed notebook ran to its end without error."""
+    import nbformat
+
+    try:
+        meta = nbformat.read(notebook, as_version=4).metadata.get("papermill", {})
+    except (OSError, ValueError):
+        return False
+    return meta.get("end_time") is not None and not meta.get("exception")
+
+
+def is_done(job: Job, only_missing: bool = False) -> bool:
+    """Record written (and, unless `only_missing`, its notebook executed without error)."""
+    return job.cell.record_path.exists() and (only_missing or _finished(job.output))
+
+
+def check_kernels(jobs: Sequence[Job]) -> None:
+    """Fail early, with the install command, when a notebook's kernel is not installed."""
+    import nbformat
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    for notebook in sorted({job.notebook for job in jobs}):
+        name = nbformat.read(notebook, as_version=4).metadata.kernelspec.name
+        try:
+            KernelSpecManager().get_kernel_spec(name)
+        except NoSuchKernel:
+            raise BatchError(f"{notebook.name} runs on the Jupyter kernel {name!r}, which is not installed; "
+                             f"install it with: {sys.executable} -m ipykernel install --prefix {sys.prefix} "
+                             f"--name {name}") from None
+
+
+def execute(job: Job) -> None:
+    """Execute the job's notebook with its parameters; raises on a failing cell."""
+    import papermill as pm
+
+    job.output.parent.mkdir(parents=True, exist_ok=True)
+    pm.execute_notebook(str(job.notebook), str(job.output), parameters=job.params, cwd=str(job.notebook.parent),
+                        progress_bar=False)
+
+
+def run(jobs: Sequence[Job], only_missing: bool = False, progress: bool = True) -> list[tuple[Job, str]]:
+    """Execute every job not done; returns the failures as (job, message)."""
+    from tqdm.auto import tqdm
+
+    todo = [job for job in jobs if not is_done(job, only_missing)]
+    if todo:
+        check_kernels(todo)
+    logging.getLogger("papermill").setLevel(logging.ERROR)  # every cell gets all keys, declared or not
+    failures: list[tuple[Job, str]] = []
+    bar = tqdm(todo, desc="cells", unit="cell", disable=not progress)
+    for job in bar:
+        bar.set_postfix_str(job.label)
+        try:
+            execute(job)
+        except Exception as e:  # a failed cell is reported; the others go on
+            why = f"{type(e).__name__}: {e}".splitlines()
+            msg = f"FAILED {job.label}: {why[0] if why else ''}\n    see {job.output}"
+            failures.append((job, msg))
+            bar.write(msg, file=sys.stderr)
+    bar.close()
+    return failures
+
+
+def _parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
+    """`key=value` pairs as parameter overrides (values read as YAML, as on the main command line)."""
+    flags: list[str] = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise P.ParamError(f"--set expects key=value, got {pair!r}")
+        flags += [f"--{key}", value]
+    return _parse_overrides(flags)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m glad_core.batch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("params", nargs="+", help="YAML parameter files (see params/)")
+    parser.add_argument("--dry-run", action="store_true", help="list the plan with each cell's status; run nothing")
+    parser.add_argument("--shard", default="0/1", metavar="i/n", help="run units i, i+n, ... (0 <= i < n)")
+    parser.add_argument("--only-missing", action="store_true",
+                        help="count a cell as done when its record exists, even without its executed notebook")
+    parser.add_argument("--set", action="append", default=[], metavar="key=value", dest="sets",
+                        help="override a parameter in every file (repeatable), e.g. --set epochs=2")
+    args = parser.parse_args(argv)
+    try:
+        index, _, count = args.shard.partition("/")
+        if not (index.isdigit() and count.isdigit()):
+            raise BatchError(f"--shard expects i/n, e.g. 0/4, got {args.shard!r}")
+        jobs = shard(plan(args.params, _parse_sets(args.sets)), int(index), int(count))
+        done = [is_done(job, args.only_missing) for job in jobs]
+        print(f"{len(jobs)} cells (shard {args.shard}): {sum(done)} done, {len(jobs) - sum(done)} to run", flush=True)
+        if args.dry_run:
+            for job, d in zip(jobs, done):
+                print(f"{'done' if d else 'todo'}  {job.label:<60} {job.cell.record_path}")
+            return 0
+        failures = run(jobs, args.only_missing)
+    except (P.ParamError, BatchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if failures:
+        print(f"\n{len(failures)} of {len(done) - sum(done)} cells failed:", file=sys.stderr)
+        for _, msg in failures:
+            print(msg, file=sys.stderr)
+        return 1
+    print(f"all {len(jobs)} cells done; records under {jobs[0].params['results_dir'] if jobs else '-'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Tables and figures of the notebooks: reproduced results beside published ones (paper Tables 1-4).
+
+Reproduced numbers are seed means ± std in percent (`results.summarize`). Published numbers
+(`glad_core.published`) are matched only where a run repeats the published setting: the paper's
+datasets, ViT-B-16 at 16 shots, ImageNet as the source of the transfer tables, and for averages
+the paper's full list of datasets (or targets). `gap` is ours minus published, in points.
+
+Published rows exist for baselines only: `zeroshot` is compared with CLIP and `lora` with the
+CLIP-SVD authors' run of CLIP-LoRA (base-to-novel averages only; not the paper's Table 4 row (a)).
+GLAD's own tables were not available (glad_core/published/README.md): their published cells, and
+the whole published ablation, stay empty. Nothing is filled in.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from . import params as P
+from .protocols import PAPER_TARGETS, Cell, run_cell
+from .published import DATASETS as PAPER_DATASETS
+from .published import published
+from .results import CELL_KEYS, collect, harmonic_mean, summarize
+from .train import ABLATION_ROWS
+
+PUBLISHED_METHOD = {"zeroshot": "clip", "lora": "clip_lora"}  # our method -> published baseline
+PAPER_BACKBONE, PAPER_SHOTS, PAPER_SOURCE = "ViT-B-16", 16, "imagenet"
+AVERAGE = "average"
+B2N_SPLITS = ("base", "novel", "hm")
+TABLES = {
+    "base_to_novel": "Table 1: base-to-novel generalization",
+    "cross_dataset": "Table 2: cross-dataset transfer",
+    "domain_generalization": "Table 3: domain generalization",
+    "ablation": "Table 4: ablation (base-to-novel, averaged over datasets)",
+}
+GLAD_NOTE = ("GLAD's own published results (the paper's Tables 1-4) are not available to this project "
+             "(see glad_core/published/README.md); they are left empty, never filled in.")
+_SINGLE = {"datasets": "dataset", "methods": "method", "seeds": "seed"}
+_COLUMNS = CELL_KEYS[:-1] + ["split", "mean", "std", "seeds", "published", "gap"]
+MISSING = "—"
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def notebook_params(namespace: Mapping[str, Any], protocol: str) -> dict[str, Any]:
+    """The validated flat parameters of a notebook (its parameters cell and papermill's injected one).
+
+    A single `dataset` / `method` / `seed` that is not None (as glad_core.batch injects) replaces
+    that grid axis's list.
+    """
+    p = {k: namespace[k] for k in P.SCHEMA if k in namespace}
+    for grid, single in _SINGLE.items():
+        if namespace.get(single) is not None:
+            p[grid] = [namespace[single]]
+    p = P.validate(p)
+    if p["protocol"] != protocol:
+        raise P.ParamError(f"parameter 'protocol' = {p['protocol']!r} is invalid: this notebook runs {protocol!r}")
+    return p
+
+
+def run_grid(cells: Sequence[Cell], progress: bool = True) -> pd.DataFrame:
+    """Run every cell (a cell whose record exists is read, not rerun); their rows as `results.collect` gives."""
+    if not cells:
+        raise ValueError("the grid is empty: name at least one dataset, method and seed")
+    for cell in cells:
+        run_cell(cell, progress=progress)
+    wanted = {str(c.record_path.resolve()) for c in cells}
+    df = collect(cells[0].results_dir)
+    return df[df["record"].map(lambda r: str(Path(r).resolve())).isin(wanted)].reset_index(drop=True)
+
+
+def figure_path(cells: Sequence[Cell], name: str) -> Path:
+    """Where a notebook's figure goes: beside the record for one cell, else in the protocol's folder."""
+    if len(cells) == 1:
+        return cells[0].record_path.with_suffix(".png")
+    c = cells[0]
+    return Path(c.results_dir) / c.protocol / "figures" / f"{name}.png"
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _published_long(table: str) -> pd.DataFrame:
+    """A published table as rows (method in our names, dataset, split, published)."""
+    pub = published(table)
+    ours = {v: k for k, v in PUBLISHED_METHOD.items()}
+    pub = pub[pub["method"].isin(ours)].assign(method=lambda d: d["method"].map(ours))
+    if table == "base_to_novel":
+        return pub.melt(id_vars=["method", "dataset"], value_vars=list(B2N_SPLITS), var_name="split",
+                        value_name="published")
+    return pub.assign(split=pub["dataset"], dataset=PAPER_SOURCE, published=pub["acc"])[
+        ["method", "dataset", "split", "published"]]
+
+
+def _paper_setting(t: pd.DataFrame) -> pd.Series:
+    return (t["backbone"] == PAPER_BACKBONE) & (t["shots"] == PAPER_SHOTS)
+
+
+def _with_published(t: pd.DataFrame, pub: pd.DataFrame, on: list[str], comparable: pd.Series) -> pd.DataFrame:
+    """Add `published` (where the run repeats the published setting) and `gap` = mean - published."""
+    out = t.reset_index(drop=True).merge(pub, on=on, how="left")
+    out.loc[~(comparable.to_numpy() & _paper_setting(out).to_numpy()), "published"] = float("nan")
+    out["gap"] = out["mean"] - out["published"]
+    return out
+
+
+def _average_over_datasets(df: pd.DataFrame) -> pd.DataFrame:
+    """Base-to-novel rows of a pseudo-dataset 'average' per method and seed: base and novel averaged
+    over the datasets, hm their harmonic mean (the papers' convention). Seeds missing a dataset
+    of their method are left out, so every average covers the same datasets."""
+    keys = ["protocol", "method", "backbone", "shots"]
+    rows = []
+    for k, g in df[df["split"].isin(["base", "novel"])].groupby(keys, sort=False):
+        w = g.pivot_table(index="seed", columns=["split", "dataset"], values="acc").dropna()
+        for seed, base, novel in zip(w.index, w["base"].mean(axis=1), w["novel"].mean(axis=1)):
+            rows += [{**dict(zip(keys, k)), "dataset": AVERAGE, "seed": seed, "split": s, "acc": v}
+                     for s, v in zip(B2N_SPLITS, (base, novel, harmonic_mean(base, novel)))]
+    return pd.DataFrame(rows, columns=CELL_KEYS + ["split", "acc"])
+
+
+def _covers(df: pd.DataFrame, keys: list[str], column: str, expected: Iterable[str]) -> set[tuple]:
+    """The groups (by `keys`) whose values of `column` are exactly `expected`."""
+    expected = set(expected)
+    return {k for k, g in df.groupby(keys, sort=False) if set(g[column]) == expected}
+
+
+def _in(t: pd.DataFrame, keys: list[str], groups: set[tuple]) -> pd.Series:
+    return pd.Series([k in groups for k in t[keys].itertuples(index=False, name=None)], index=t.index, dtype=bool)
+
+
+def base_to_novel_comparison(df: pd.DataFrame) -> pd.DataFrame:
+    """Table 1 as tidy rows: per dataset (plus 'average' when there are several) and method, the
+    splits base / novel / hm with seed mean, std and count (%), published value and gap."""
+    df = df[df["protocol"] == "base_to_novel"]
+    t = summarize(df)
+    if df["dataset"].nunique() > 1:
+        t = pd.concat([t, summarize(_average_over_datasets(df))], ignore_index=True)
+    keys = ["method", "backbone", "shots"]
+    full = _covers(df, keys, "dataset", PAPER_DATASETS)
+    comparable = (t["dataset"] != AVERAGE) | _in(t, keys, full)
+    return _with_published(t, _published_long("base_to_novel"), ["method", "dataset", "split"], comparable)[_COLUMNS]
+
+
+def transfer_comparison(df: pd.DataFrame, protocol: str) -> pd.DataFrame:
+    """Table 2 (cross_dataset) or 3 (domain_generalization) as tidy rows: per source dataset and
+    method, the splits (the source, each target, 'average' over targets) with seed mean, std and
+    count (%), published value (source ImageNet only) and gap."""
+    df = df[df["protocol"] == protocol]
+    t = summarize(df)
+    keys = ["dataset", "method", "backbone", "shots"]
+    targets = df[(df["split"] != df["dataset"]) & (df["split"] != AVERAGE)]
+    full = _covers(targets, keys, "split", PAPER_TARGETS[protocol])
+    comparable = (t["split"] != AVERAGE) | _in(t, keys, full)
+    return _with_published(t, _published_long(protocol), ["method", "dataset", "split"], comparable)[_COLUMNS]
+
+
+def ablation_comparison(df: pd.DataFrame) -> pd.DataFrame:
+    """Table 4 as tidy rows: rows (a)-(e) of the ablation, base / novel / hm averaged over the
+    datasets (`datasets` of them) and then over seeds, published value and gap. The published
+    ablation is GLAD's own table: not available, so `published` is empty."""
+    row_of = {m: r for r, m in ABLATION_ROWS.items()}
+    df = df[(df["protocol"] == "base_to_novel") & df["method"].isin(row_of)]
+    t = summarize(_average_over_datasets(df))
+    t.insert(0, "row", t["method"].map(row_of))
+    counts = df.groupby(["method", "backbone", "shots"])["dataset"].nunique().rename("datasets").reset_index()
+    t = t.merge(counts, on=["method", "backbone", "shots"], how="left")
+    pub = published("ablation").melt(id_vars=["row"], value_vars=list(B2N_SPLITS), var_name="split",
+                                     value_name="published")
+    keys = ["method", "backbone", "shots"]
+    out = _with_published(t, pub, ["row", "split"], _in(t, keys, _covers(df, keys, "dataset", PAPER_DATASETS)))
+    return out.sort_values("row", kind="stable")[["row", "datasets"] + _COLUMNS].reset_index(drop=True)
+
+
+def paper_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Tables 1-4 (tidy) from collected records, keyed as `TABLES`."""
+    return {"base_to_novel": base_to_novel_comparison(df),
+            "cross_dataset": transfer_comparison(df, "cross_dataset"),
+            "domain_generalization": transfer_comparison(df, "domain_generalization"),
+            "ablation": ablation_comparison(df)}
+
+
+def _fmt(v: float, sign: bool = False) -> str:
+    return MISSING if v is None or math.isnan(v) else (f"{v:+.2f}" if sign else f"{v:.2f}")
+
+
+def display_table(t: pd.DataFrame) -> pd.DataFrame:
+    """A tidy comparison table for reading: one row per setting and method, and per split the
+    columns `ours` ('mean ± std' over seeds), `published` and `gap` ('—' where there is none)."""
+    if t.empty:
+        return pd.DataFrame()
+    index = [k for k in ("row", "dataset", "backbone", "shots", "method", "seeds", "datasets")
+             if k in t.columns and (k in ("row", "dataset", "method", "seeds") or t[k].nunique() > 1)]
+    cells = t.assign(
+        ours=[_fmt(m) + (f" ± {s:.2f}" if n > 1 else "") for m, s, n in zip(t["mean"], t["std"], t["seeds"])],
+        published=t["published"].map(_fmt), gap=t["gap"].map(lambda v: _fmt(v, sign=True)))
+    w = cells.pivot_table(index=index, columns="split", values=["ours", "published", "gap"], aggfunc="first",
+                          sort=False)
+    splits = list(dict.fromkeys(t["split"]))
+    return w.swaplevel(axis=1).reindex(columns=pd.MultiIndex.from_product([splits, ["ours", "published", "gap"]]))
+
+
+def published_note(t: pd.DataFrame) -> str:
+    """How many reproduced numbers have a published counterpart, and the note on GLAD's rows."""
+    matched = int(t["published"].notna().sum()) if len(t) else 0
+    return (f"{matched} of {len(t)} reproduced numbers have a published counterpart (same datasets, "
+            f"{PAPER_BACKBONE}, {PAPER_SHOTS} shots). {GLAD_NOTE}")
+
+
+def incomplete(t: pd.DataFrame) -> list[str]:
+    """Settings of a comparison table that miss a split that others have (empty when complete)."""
+    if t.empty:
+        return []
+    keys = [k for k in ("row", "dataset", "method", "backbone", "shots") if k in t.columns]
+    counts = t.groupby(keys, sort=False)["split"].nunique()
+    return [" / ".join(map(str, k)) for k, n in counts.items() if n < counts.max()]
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def bar_chart(t: pd.DataFrame, path: str | Path, title: str) -> Path:
+    """Grouped bars of a comparison table, saved as PNG at `path` (returned): one panel per dataset,
+    methods along x, one bar per split (base / novel / hm, or source / targets / average) with the
+    seed std as error bar; published values, where matched, as black ticks."""
+    panels = list(dict.fromkeys(t["dataset"]))
+    cols = min(len(panels), 3)
+    rows = math.ceil(len(panels) / cols)
+    methods = list(dict.fromkeys(t["method"]))
+    splits = list(dict.fromkeys(t["split"]))
+    width = 0.8 / len(splits)
+    fig = Figure(figsize=(max(4.5, 1.1 * len(methods) * max(1, len(splits) / 3)) * cols, 3.6 * rows),
+                 layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, panel in zip(axes, panels):
+        d = t[t["dataset"] == panel]
+        for j, split in enumerate(splits):
+            s = d[d["split"] == split].set_index("method").reindex(methods)
+            x = [i + (j - (len(splits) - 1) / 2) * width for i in range(len(methods))]
+            ax.bar(x, s["mean"], width, yerr=s["std"], capsize=2, label=split)
+            ax.scatter(x, s["published"], marker="_", s=120, color="black", zorder=3,
+                       label="published" if j == 0 and s["published"].notna().any() else None)
+        ax.set_xticks(range(len(methods)), methods, rotation=20, ha="right")
+        ax.set_ylim(0, 100)
+        ax.set_title(panel)
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize="small", ncols=min(len(splits) + 1, 4), loc="upper left")
+    fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    """A data frame (flat or two-level columns) as a Markdown table."""
+    flat = df.reset_index()
+    header = [" ".join(str(p) for p in (c if isinstance(c, tuple) else (c,)) if str(p)) for c in flat.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in flat.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def published_reference() -> dict[str, pd.DataFrame]:
+    """The published averages of every table (baselines, ViT-B/16, 16 shots) for context."""
+    out = {}
+    for name in ("base_to_novel", "cross_dataset", "domain_generalization"):
+        pub = published(name)
+        cols = list(B2N_SPLITS) if name == "base_to_novel" else ["acc"]
+        out[name] = pub[pub["dataset"] == AVERAGE].set_index("method")[cols]
+    return out
+
+
+def write_report(tables: Mapping[str, pd.DataFrame], out_dir: str | Path, records: int) -> Path:
+    """Write `report.md` and one PNG per non-empty table into `out_dir`; returns the report's path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["# GLAD reproduction report", "",
+             f"{records} records. Reproduced accuracies are seed means ± std (%); `published` is the "
+             f"published number of the same setting where one exists, `gap` = ours − published "
+             f"(points, {MISSING} = none).", "", f"**{GLAD_NOTE}**", ""]
+    for i, (name, t) in enumerate(tables.items(), 1):
+        lines += [f"## {TABLES[name]}", ""]
+        if t.empty:
+            lines += ["No records.", ""]
+            continue
+        png = out_dir / f"table{i}_{name}.png"
+        bar_chart(t, png, TABLES[name])
+        lines += [_markdown(display_table(t)), "", published_note(t), "", f"![{TABLES[name]}]({png.name})", ""]
+    lines += ["## Published reference: averages (ViT-B/16, 16 shots, baselines)", ""]
+    for name, ref in published_reference().items():
+        lines += [f"### {TABLES[name]}", "", _markdown(ref), ""]
+    lines += ["Published ablation (Table 4): not available.", ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
