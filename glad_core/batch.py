@@ -1,6 +1,6 @@
 """Batch runs: every cell of parameter grids as a papermill execution of its protocol's notebook.
 
-    python -m glad_core.batch params/demo/*.yaml                       # run what is missing
+    python -m glad_core.batch params/demo/*.yaml --report              # run what is missing, then the report
     python -m glad_core.batch params/base_to_novel.yaml --dry-run      # the plan, done / todo
     python -m glad_core.batch params/base_to_novel.yaml --shard 0/4 --set data_root=/data
 
@@ -18,6 +18,10 @@ parameters injected; the executed notebook is written beside the cell's record
   cells that share one trained adapter (cross-dataset and domain-generalization cells of the same
   source and training parameters), so an adapter is trained once, on one shard.
 
+`--report` then executes notebooks/report.ipynb on every record of the results folder, writing
+`<results_dir>/report/report.md` (tables 1-4 beside the published numbers, figures) and the executed
+notebook beside it.
+
 Several parameter files form one plan; a cell named by two files is run once (two files giving
 it different parameters are an error, since the record path would be shared).
 """
@@ -29,7 +33,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from . import params as P
 from .__main__ import _parse_overrides
@@ -38,6 +42,7 @@ from .protocols import Cell
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = {"base_to_novel": "base_to_novel.ipynb", "cross_dataset": "cross_dataset.ipynb",
              "domain_generalization": "domain_shift.ipynb"}
+REPORT = NOTEBOOK_DIR / "report.ipynb"
 
 
 class BatchError(RuntimeError):
@@ -123,12 +128,12 @@ def is_done(job: Job, only_missing: bool = False) -> bool:
     return job.cell.record_path.exists() and (only_missing or _finished(job.output))
 
 
-def check_kernels(jobs: Sequence[Job]) -> None:
+def check_kernels(notebooks: Iterable[Path]) -> None:
     """Fail early, with the install command, when a notebook's kernel is not installed."""
     import nbformat
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
-    for notebook in sorted({job.notebook for job in jobs}):
+    for notebook in sorted(set(notebooks)):
         name = nbformat.read(notebook, as_version=4).metadata.kernelspec.name
         try:
             KernelSpecManager().get_kernel_spec(name)
@@ -138,36 +143,43 @@ def check_kernels(jobs: Sequence[Job]) -> None:
                              f"--name {name}") from None
 
 
-def execute(job: Job) -> None:
-    """Execute the job's notebook with its parameters; raises on a failing cell."""
+def execute(notebook: Path, output: Path, parameters: dict[str, Any]) -> None:
+    """Execute `notebook` (in its folder) with `parameters` injected into `output`; raises on a failing cell."""
     import papermill as pm
 
-    job.output.parent.mkdir(parents=True, exist_ok=True)
-    pm.execute_notebook(str(job.notebook), str(job.output), parameters=job.params, cwd=str(job.notebook.parent),
+    logging.getLogger("papermill").setLevel(logging.ERROR)  # cells get every key, declared in the notebook or not
+    output.parent.mkdir(parents=True, exist_ok=True)
+    pm.execute_notebook(str(notebook), str(output), parameters=parameters, cwd=str(notebook.parent),
                         progress_bar=False)
 
 
-def run(jobs: Sequence[Job], only_missing: bool = False, progress: bool = True) -> list[tuple[Job, str]]:
-    """Execute every job not done; returns the failures as (job, message)."""
+def run(jobs: Sequence[Job], only_missing: bool = False, progress: bool = True) -> list[str]:
+    """Execute every job not done; returns one message per failed cell (naming its executed notebook)."""
     from tqdm.auto import tqdm
 
     todo = [job for job in jobs if not is_done(job, only_missing)]
-    if todo:
-        check_kernels(todo)
-    logging.getLogger("papermill").setLevel(logging.ERROR)  # every cell gets all keys, declared or not
-    failures: list[tuple[Job, str]] = []
+    check_kernels(job.notebook for job in todo)
+    failures: list[str] = []
     bar = tqdm(todo, desc="cells", unit="cell", disable=not progress)
     for job in bar:
         bar.set_postfix_str(job.label)
         try:
-            execute(job)
+            execute(job.notebook, job.output, job.params)
         except Exception as e:  # a failed cell is reported; the others go on
             why = f"{type(e).__name__}: {e}".splitlines()
             msg = f"FAILED {job.label}: {why[0] if why else ''}\n    see {job.output}"
-            failures.append((job, msg))
+            failures.append(msg)
             bar.write(msg, file=sys.stderr)
     bar.close()
     return failures
+
+
+def report(results_dir: str | Path) -> Path:
+    """Execute the report notebook on every record under `results_dir`; returns the written report.md."""
+    out = Path(results_dir).resolve() / "report"
+    check_kernels([REPORT])
+    execute(REPORT, out / REPORT.name, {"results_dir": str(out.parent), "out_dir": str(out)})
+    return out / "report.md"
 
 
 def _parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
@@ -189,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shard", default="0/1", metavar="i/n", help="run units i, i+n, ... (0 <= i < n)")
     parser.add_argument("--only-missing", action="store_true",
                         help="count a cell as done when its record exists, even without its executed notebook")
+    parser.add_argument("--report", action="store_true",
+                        help="then execute notebooks/report.ipynb on the results folder (report/report.md)")
     parser.add_argument("--set", action="append", default=[], metavar="key=value", dest="sets",
                         help="override a parameter in every file (repeatable), e.g. --set epochs=2")
     args = parser.parse_args(argv)
@@ -204,15 +218,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{'done' if d else 'todo'}  {job.label:<60} {job.cell.record_path}")
             return 0
         failures = run(jobs, args.only_missing)
+        for results_dir in dict.fromkeys(job.params["results_dir"] for job in jobs) if args.report else ():
+            try:
+                print(f"report: {report(results_dir)}", flush=True)
+            except Exception as e:  # reported like a failed cell
+                failures.append(f"FAILED report: {type(e).__name__}\n    see {Path(results_dir) / 'report' / REPORT.name}")
     except (P.ParamError, BatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if failures:
-        print(f"\n{len(failures)} of {len(done) - sum(done)} cells failed:", file=sys.stderr)
-        for _, msg in failures:
-            print(msg, file=sys.stderr)
+        print(f"\n{len(failures)} failed:", file=sys.stderr)
+        print("\n".join(failures), file=sys.stderr)
         return 1
-    print(f"all {len(jobs)} cells done; records under {jobs[0].params['results_dir'] if jobs else '-'}")
+    print(f"all {len(jobs)} cells done")
     return 0
 
 

@@ -21,18 +21,23 @@ more than one batch's graph. Every function leaves the parameters exactly as it 
 """
 from __future__ import annotations
 
+import json
 import random
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .data import Datum, ImageDataset, Splits
 from .lora import load_lora, lora_disabled, lora_layers
+from .protocols import Cell, run_cell
 from .train import GladModel, TrainConfig, resolve_device
 
 Loss = Callable[[], torch.Tensor]
@@ -56,8 +61,9 @@ def tuning_loss(logits: torch.Tensor, labels: torch.Tensor, log_p_zs: torch.Tens
 class FixedBatchLoss:
     """L(θ) = Σ_b (n_b / N) ℓ_b(θ), the training objective over fixed batches, in eval mode.
 
-    The zero-shot distributions of the KL term do not depend on θ and are computed once. Computed in
-    the model's own dtype (no autocast, unlike bf16 training on CUDA). Attention runs on PyTorch's math kernel: it is deterministic and twice differentiable.
+    The zero-shot distributions of the KL term do not depend on θ and are computed once. Everything
+    runs in the model's own dtype (no autocast, unlike bf16 training on CUDA), and attention on
+    PyTorch's math kernel, which is twice differentiable (the fused CPU / CUDA kernels are not).
     """
 
     def __init__(self, model: GladModel, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -131,7 +137,7 @@ def _terms(loss: Loss) -> Iterable[torch.Tensor]:
 def value(loss: Loss) -> float:
     """L(θ) as a float."""
     with torch.no_grad():
-        return float(sum(t.double().item() for t in _terms(loss)))
+        return sum(t.item() for t in _terms(loss))
 
 
 def value_and_grad(loss: Loss, params: Sequence[torch.Tensor]) -> tuple[float, Vector]:
@@ -140,7 +146,7 @@ def value_and_grad(loss: Loss, params: Sequence[torch.Tensor]) -> tuple[float, V
     for t in _terms(loss):
         for g, dt in zip(grad, torch.autograd.grad(t, params, materialize_grads=True)):
             g += dt
-        total += t.double().item()
+        total += t.item()
     return total, grad
 
 
@@ -274,43 +280,50 @@ def worst_case_rise(loss: Loss, params: Sequence[torch.Tensor], rho: float, step
     return best
 
 
-def _power_iteration(loss: Loss, params: Sequence[torch.Tensor], shift: float, iters: int, tol: float,
-                     seed: int) -> tuple[float, float, bool]:
-    """v ← (H + shift·I) v / ‖·‖ from a seeded random v.
+def _power_iteration(loss: Loss, params: Sequence[torch.Tensor], v: Vector, shift: float, iters: int,
+                     tol: float) -> tuple[float, Vector, float, bool]:
+    """v ← (H + shift·I) v / ‖·‖ from a unit vector v, at most `iters` times.
 
-    Returns the Rayleigh quotient λ = vᵀ(H + shift·I)v, ‖(H + shift·I)v‖ (a lower bound on the
-    spectral radius), and whether the relative residual ‖(H + shift·I)v − λv‖ ≤ tol·|λ| was reached.
+    Returns λ = vᵀHv, the last v, ‖(H + shift·I)v‖, and whether the relative residual
+    ‖Hv − λv‖ ≤ tol·|λ| was reached (the residual is the same with or without the shift).
     """
-    gen = torch.Generator().manual_seed(seed)
-    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in params]
-    v_norm = norm(v)
-    v = [x / v_norm for x in v]
+    lam, hv_norm = float("nan"), float("nan")
     for _ in range(iters):
         hv = [h + shift * x for h, x in zip(hvp(loss, params, v), v)]
-        lam, hv_norm = dot(v, hv), norm(hv)
-        if norm([h - lam * x for h, x in zip(hv, v)]) <= tol * abs(lam):
-            return lam, hv_norm, True
+        lam, hv_norm = dot(v, hv) - shift, norm(hv)
+        if norm([h - (lam + shift) * x for h, x in zip(hv, v)]) <= tol * abs(lam):
+            return lam, v, hv_norm, True
         v = [h / hv_norm for h in hv]
-    return lam, hv_norm, False
+    return lam, v, hv_norm, False
+
+
+def top_eigenvalue_and_convergence(loss: Loss, params: Sequence[torch.Tensor], iters: int = 100,
+                                   tol: float = 1e-3, seed: int = 0) -> tuple[float, bool]:
+    """`top_hessian_eigenvalue` and whether it converged, without warning."""
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    gen = torch.Generator().manual_seed(seed)
+    v0 = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in params]
+    v0 = [x / norm(v0) for x in v0]
+    lam, v, radius, converged = _power_iteration(loss, params, v0, 0.0, iters, tol)
+    if not (converged and lam >= 0):  # converged to a negative eigenvector: restart, else go on from v
+        lam, _, _, converged = _power_iteration(loss, params, v0 if converged else v, radius, iters, tol)
+    return lam, converged
 
 
 def top_hessian_eigenvalue(loss: Loss, params: Sequence[torch.Tensor], iters: int = 100, tol: float = 1e-3,
                            seed: int = 0) -> float:
-    """λ_max of ∇²L(θ), by power iteration on Hessian-vector products.
+    """λ_max of ∇²L(θ), by power iteration on Hessian-vector products (at most 2·iters of them).
 
-    Power iteration converges to μ, the eigenvalue of largest magnitude; if μ ≥ 0 it is λ_max.
-    Otherwise (negative curvature dominates, or ±μ tie and the iteration cannot settle), with
-    r = ‖Hv‖ ≈ the spectral radius, H + rI has nonnegative eigenvalues and top eigenvalue
-    λ_max + r, found by a second power iteration. Converged means the relative residual
-    ‖Hv − λv‖ ≤ tol·|λ| (the eigenvalue itself is then accurate to about tol²); warns if `iters`
-    iterations do not get there and returns the last estimate.
+    Power iteration v ← Hv / ‖Hv‖ converges to μ, the eigenvalue of largest magnitude; if μ ≥ 0
+    it is λ_max. Otherwise a second power iteration runs on H + rI, r = ‖Hv‖ ≈ the spectral
+    radius, whose eigenvalues λ + r are nonnegative and whose top one is λ_max + r: restarted if
+    μ < 0 (negative curvature dominates), continued from the last v if the first did not converge
+    (e.g. λ_max and a negative eigenvalue of about the same magnitude). Converged means the
+    relative residual ‖Hv − λv‖ ≤ tol·|λ| (λ itself is then accurate to about tol²·|λ|); warns if
+    it is not reached and returns the last estimate, a Rayleigh quotient vᵀHv ≤ λ_max: a lower bound.
     """
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1, got {iters}")
-    lam, radius, converged = _power_iteration(loss, params, 0.0, iters, tol, seed)
-    if not (converged and lam >= 0):
-        lam_shifted, _, converged = _power_iteration(loss, params, radius, iters, tol, seed)
-        lam = lam_shifted - radius
+    lam, converged = top_eigenvalue_and_convergence(loss, params, iters, tol, seed)
     if not converged:
         warnings.warn(f"Hessian power iteration did not reach tol={tol} in {iters} iterations; "
                       f"returning the last estimate {lam:.6g}", RuntimeWarning, stacklevel=2)
@@ -318,8 +331,32 @@ def top_hessian_eigenvalue(loss: Loss, params: Sequence[torch.Tensor], iters: in
 
 
 # ---------------------------------------------------------------------------------------------
-# From a results record to measurements
+# From cells and records to measurements, tables and figures
 # ---------------------------------------------------------------------------------------------
+
+# Record parameters that do not change the trained adapter.
+_NOT_TRAINING = ("data_root", "device", "num_workers", "eval_batch_size")
+
+
+def tuned_records(cells: Sequence[Cell], progress: bool = True) -> list[dict]:
+    """The records of `cells`, training those not done yet (`run_cell`).
+
+    A record found on disk must have been trained with the cell's parameters: records are keyed by
+    dataset, method, shots and seed only, so one from a run with, say, other epochs would silently
+    stand in for this one. Raises ValueError naming the differences instead.
+    """
+    records = []
+    for cell in cells:
+        rec = run_cell(cell, progress=progress)
+        want = {k: v for k, v in cell.params().items() if k not in _NOT_TRAINING}
+        have = json.loads(json.dumps(rec["params"]))
+        diff = {k: (have.get(k), v) for k, v in json.loads(json.dumps(want)).items() if have.get(k) != v}
+        if diff:
+            raise ValueError(f"record {cell.record_path} was made with other parameters (record, asked): {diff}. "
+                             "Use another results_dir, or delete the record to retrain.")
+        records.append(rec)
+    return records
+
 
 def load_tuned(record: dict, device: str | None = None) -> tuple[GladModel, Callable]:
     """The tuned model of a `run_cell` record (backbone, LoRA / AlignNet as configured, its adapter
@@ -345,33 +382,108 @@ def training_split(record: dict) -> Splits:
     return subsample_classes(source, "base") if p["protocol"] == "base_to_novel" else source
 
 
+def output_dir(cell: Cell) -> Path:
+    """Where the landscape table and figures of a cell's dataset, backbone, shots and seed go."""
+    return Path(cell.results_dir) / "landscape" / cell.dataset / cell.backbone.replace("/", "_") / cell.name
+
+
+def symmetric_grid(points: int, span: float) -> np.ndarray:
+    """`points` (odd) coordinates evenly spaced over [−span, span], with 0 exactly in the middle."""
+    if points < 3 or points % 2 == 0:
+        raise ValueError(f"grid points must be odd and >= 3 (so that 0 is on the grid), got {points}")
+    k = points // 2
+    return span * np.arange(-k, k + 1) / k
+
+
 @dataclass
 class Landscape:
-    """Measurements around one tuned model; `curve` over `alphas`, `surface` over `grid` × `grid`."""
+    """Measurements around one tuned model: `curve` along d₁ over `alphas`, `surface` over (d₁, d₂)
+    on `grid` × `grid` (rows: d₂). `alphas` halves the spacing of `grid`: curve[::2] = surface[centre]."""
 
     method: str
+    metrics: dict[str, float]  # accuracies from the record (base / novel / hm, or targets)
+    images: int                # size of the fixed set the loss is taken over
     loss: float
     worst_case_rise: float
-    top_eigenvalue: float
+    top_eigenvalue: float       # NaN when skipped
+    eigenvalue_converged: bool  # power iteration reached its tolerance (else: the last estimate)
     alphas: np.ndarray
     curve: np.ndarray
     grid: np.ndarray
     surface: np.ndarray
 
 
-def measure(record: dict, alphas: Sequence[float], grid: Sequence[float], rho: float = 0.1,
-            ascent_steps: int = 0, hessian_iters: int = 50, tol: float = 1e-3, direction_seed: int = 0,
+def measure(record: dict, points: int = 11, span: float = 1.0, rho: float = 0.1, ascent_steps: int = 0,
+            hessian_iters: int = 100, hessian_tol: float = 1e-3, direction_seed: int = 0,
             max_images: int | None = None, batch_size: int = 64, device: str | None = None) -> Landscape:
-    """Surfaces along filter-normalised directions (seeds `direction_seed`, +1) and sharpness of the
-    training loss of a record's tuned model, over (a seeded subset of) its training images."""
+    """Surfaces along filter-normalised directions (seeds `direction_seed` and +1) and sharpness of
+    the training loss of a record's tuned model, over (a seeded subset of) its training images.
+
+    The surface takes `points` × `points` coordinates over [−span, span]², the curve 2·points − 1.
+    `hessian_iters=0` skips the top eigenvalue (NaN), the costly part on a CPU.
+    """
     model, preprocess = load_tuned(record, device)
+    params = model.trainable()
+    if not params:
+        raise ValueError(f"method {record['cell']['method']!r} trains no parameters: it has no landscape")
     split = training_split(record)
     loss = loss_fn(model, fixed_batches(split.train, preprocess, batch_size, max_images), split.classnames,
                    split.templates)
-    params = model.trainable()
     d1, d2 = random_direction(params, direction_seed), random_direction(params, direction_seed + 1)
-    return Landscape(method=record["cell"]["method"], loss=value(loss),
-                     worst_case_rise=worst_case_rise(loss, params, rho, ascent_steps),
-                     top_eigenvalue=top_hessian_eigenvalue(loss, params, hessian_iters, tol),
-                     alphas=np.asarray(alphas, dtype=float), curve=surface_1d(loss, params, d1, alphas),
-                     grid=np.asarray(grid, dtype=float), surface=surface_2d(loss, params, d1, d2, grid))
+    alphas, grid = symmetric_grid(2 * points - 1, span), symmetric_grid(points, span)
+    lam, converged = (top_eigenvalue_and_convergence(loss, params, hessian_iters, hessian_tol) if hessian_iters > 0
+                      else (float("nan"), False))
+    return Landscape(method=record["cell"]["method"], metrics=dict(record["metrics"]), images=loss.n,
+                     loss=value(loss), worst_case_rise=worst_case_rise(loss, params, rho, ascent_steps),
+                     top_eigenvalue=lam, eigenvalue_converged=converged,
+                     alphas=alphas, curve=surface_1d(loss, params, d1, alphas),
+                     grid=grid, surface=surface_2d(loss, params, d1, d2, grid))
+
+
+def sharpness_table(landscapes: Sequence[Landscape]) -> pd.DataFrame:
+    """One row per method: training loss, worst-case rise, top Hessian eigenvalue (and whether its
+    power iteration converged), and the record's accuracies (%)."""
+    return pd.DataFrame([{"method": ls.method, "train loss": ls.loss, "worst-case rise": ls.worst_case_rise,
+                          "top eigenvalue": ls.top_eigenvalue, "converged": ls.eigenvalue_converged,
+                          **{f"{k} acc (%)": 100 * v for k, v in ls.metrics.items()}}
+                         for ls in landscapes]).set_index("method")
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_curves(landscapes: Sequence[Landscape], path: str | Path) -> Path:
+    """The 1-D rises L(θ + α d₁) − L(θ) of all methods on one axis, saved as PNG at `path`."""
+    fig = Figure(figsize=(5.5, 3.8), layout="constrained")
+    ax = fig.subplots()
+    for ls in landscapes:
+        ax.plot(ls.alphas, ls.curve - ls.loss, marker="o", markersize=3, label=ls.method)
+    ax.set_xlabel("α  (d₁ filter-normalised)")
+    ax.set_ylabel("L(θ + α d₁) − L(θ)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_surfaces(landscapes: Sequence[Landscape], path: str | Path, levels: int = 15) -> Path:
+    """Contours of the rise L(θ + α d₁ + β d₂) − L(θ), methods side by side on shared levels (so
+    wider basins read as flatter), saved as PNG at `path`."""
+    rises = [ls.surface - ls.loss for ls in landscapes]
+    lo, hi = min(r.min() for r in rises), max(r.max() for r in rises)
+    steps = np.linspace(lo, hi, levels) if hi > lo else levels
+    fig = Figure(figsize=(3.6 * len(landscapes) + 0.8, 3.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(landscapes), sharey=True))
+    for ax, ls, rise in zip(axes, landscapes, rises):
+        filled = ax.contourf(ls.grid, ls.grid, rise, levels=steps, cmap="viridis")
+        ax.contour(ls.grid, ls.grid, rise, levels=steps, colors="white", linewidths=0.4)
+        ax.plot(0, 0, marker="+", color="red")
+        ax.set_title(ls.method)
+        ax.set_xlabel("α  (d₁)")
+        ax.set_aspect("equal")
+    axes[0].set_ylabel("β  (d₂)")
+    fig.colorbar(filled, ax=list(axes), label="L(θ + α d₁ + β d₂) − L(θ)")
+    return _save(fig, path)

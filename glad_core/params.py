@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -67,8 +68,12 @@ _TRAIN_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "kl_weight": _range(0), "rho": _range(0), "alpha": _range(0, 1), "delta": _range(0),
     "aug_scale_min": _range(0, 1, lo_open=True), "seed": _range(0), "num_workers": _range(0),
     "eval_batch_size": _range(1), "precision": _in(("auto", "fp32", "bf16")),
-    "lora_towers": lambda v: None if v and set(v) <= {"image", "text"} else "allowed: subsets of ['image', 'text']",
-    "alignnet_hidden": lambda v: None if v and all(isinstance(h, int) and h > 0 for h in v) else "must be positive ints",
+    "lora_towers": lambda v: (None if v and all(isinstance(t, str) for t in v) and set(v) <= {"image", "text"}
+                              else "allowed: subsets of ['image', 'text']"),
+    "alignnet_hidden": lambda v: (None if v and all(type(h) is int and h > 0 for h in v)  # bools are not sizes
+                                  else "must be positive ints"),
+    "device": lambda v: (None if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v)
+                         else "allowed: 'auto', 'cpu', 'cuda', 'cuda:<index>', 'mps'"),
 }
 for f in fields(TrainConfig):
     if f.name not in ("method", "seed"):
@@ -91,7 +96,7 @@ def validate(params: dict[str, Any]) -> dict[str, Any]:
         if key not in SCHEMA:
             near = difflib.get_close_matches(str(key), SCHEMA, n=1)
             hint = f" Did you mean {near[0]!r}?" if near else ""
-            raise ParamError(f"unknown parameter {key!r}.{hint} Allowed: {sorted(SCHEMA)}")
+            raise ParamError(f"unknown parameter {key!r} (= {params[key]!r}).{hint} Allowed: {sorted(SCHEMA)}")
     out = {**defaults(), **params}
     for key, value in out.items():
         types, check, _ = SCHEMA[key]
@@ -151,7 +156,7 @@ def load(source: str | Path | dict[str, Any], **overrides: Any) -> dict[str, Any
             raise ParamError(f"parameter file {path} does not exist; see params/ for examples")
         try:
             params = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, ValueError) as e:  # ValueError: undecodable text, impossible dates
             raise ParamError(f"parameter file {path} is not valid YAML: {e}") from e
     else:
         params = dict(source)

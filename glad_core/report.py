@@ -24,11 +24,12 @@ from .protocols import PAPER_TARGETS, Cell, run_cell
 from .published import DATASETS as PAPER_DATASETS
 from .published import published
 from .results import CELL_KEYS, collect, harmonic_mean, summarize
-from .train import ABLATION_ROWS
+from .train import ABLATION_ROWS, METHODS
 
 PUBLISHED_METHOD = {"zeroshot": "clip", "lora": "clip_lora"}  # our method -> published baseline
 PAPER_BACKBONE, PAPER_SHOTS, PAPER_SOURCE = "ViT-B-16", 16, "imagenet"
 AVERAGE = "average"
+REFERENCE_ROW = "-"  # the zero-shot model in the ablation table
 B2N_SPLITS = ("base", "novel", "hm")
 TABLES = {
     "base_to_novel": "Table 1: base-to-novel generalization",
@@ -96,6 +97,14 @@ def _published_long(table: str) -> pd.DataFrame:
         ["method", "dataset", "split", "published"]]
 
 
+def _ordered(t: pd.DataFrame) -> pd.DataFrame:
+    """Rows by dataset (first appearance, 'average' last), then method in the order of METHODS."""
+    datasets = {d: i for i, d in enumerate(dict.fromkeys(t["dataset"]))}
+    rank = t["dataset"].map(lambda d: len(datasets) if d == AVERAGE else datasets[d]) * len(METHODS) \
+        + t["method"].map(lambda m: list(METHODS).index(m))
+    return t.iloc[rank.argsort(kind="stable")].reset_index(drop=True)
+
+
 def _paper_setting(t: pd.DataFrame) -> pd.Series:
     return (t["backbone"] == PAPER_BACKBONE) & (t["shots"] == PAPER_SHOTS)
 
@@ -133,14 +142,18 @@ def _in(t: pd.DataFrame, keys: list[str], groups: set[tuple]) -> pd.Series:
 
 
 def base_to_novel_comparison(df: pd.DataFrame) -> pd.DataFrame:
-    """Table 1 as tidy rows: per dataset (plus 'average' when there are several) and method, the
-    splits base / novel / hm with seed mean, std and count (%), published value and gap."""
+    """Table 1 as tidy rows: per dataset and method, the splits base / novel / hm with seed mean, std
+    and count (%), published value and gap; plus 'average' rows over the datasets, for the methods run
+    on every dataset of their backbone and shots (when there are several datasets)."""
     df = df[df["protocol"] == "base_to_novel"]
     t = summarize(df)
-    if df["dataset"].nunique() > 1:
-        t = pd.concat([t, summarize(_average_over_datasets(df))], ignore_index=True)
     keys = ["method", "backbone", "shots"]
+    every = set().union(*(_covers(g, keys, "dataset", set(g["dataset"]))
+                          for _, g in df.groupby(["backbone", "shots"], sort=False)))
+    if df["dataset"].nunique() > 1:  # averages of the methods run on every dataset of their setting
+        t = pd.concat([t, summarize(_average_over_datasets(df[_in(df, keys, every)]))], ignore_index=True)
     full = _covers(df, keys, "dataset", PAPER_DATASETS)
+    t = _ordered(t)
     comparable = (t["dataset"] != AVERAGE) | _in(t, keys, full)
     return _with_published(t, _published_long("base_to_novel"), ["method", "dataset", "split"], comparable)[_COLUMNS]
 
@@ -150,7 +163,7 @@ def transfer_comparison(df: pd.DataFrame, protocol: str) -> pd.DataFrame:
     method, the splits (the source, each target, 'average' over targets) with seed mean, std and
     count (%), published value (source ImageNet only) and gap."""
     df = df[df["protocol"] == protocol]
-    t = summarize(df)
+    t = _ordered(summarize(df))
     keys = ["dataset", "method", "backbone", "shots"]
     targets = df[(df["split"] != df["dataset"]) & (df["split"] != AVERAGE)]
     full = _covers(targets, keys, "split", PAPER_TARGETS[protocol])
@@ -159,11 +172,15 @@ def transfer_comparison(df: pd.DataFrame, protocol: str) -> pd.DataFrame:
 
 
 def ablation_comparison(df: pd.DataFrame) -> pd.DataFrame:
-    """Table 4 as tidy rows: rows (a)-(e) of the ablation, base / novel / hm averaged over the
-    datasets (`datasets` of them) and then over seeds, published value and gap. The published
-    ablation is GLAD's own table: not available, so `published` is empty."""
-    row_of = {m: r for r, m in ABLATION_ROWS.items()}
+    """Table 4 as tidy rows: rows (a)-(e) of the ablation, and zero-shot as row '-', with base /
+    novel / hm averaged over the datasets that every row of the same backbone and shots ran on
+    (`datasets` of them), then over seeds; published value and gap. The published ablation is
+    GLAD's own table: not available, so `published` stays empty."""
+    row_of = {"zeroshot": REFERENCE_ROW, **{m: r for r, m in ABLATION_ROWS.items()}}
     df = df[(df["protocol"] == "base_to_novel") & df["method"].isin(row_of)]
+    common = [g[g["dataset"].isin(set.intersection(*(set(m["dataset"]) for _, m in g.groupby("method"))))]
+              for _, g in df.groupby(["backbone", "shots"], sort=False)]  # datasets every row ran on
+    df = pd.concat(common) if common else df
     t = summarize(_average_over_datasets(df))
     t.insert(0, "row", t["method"].map(row_of))
     counts = df.groupby(["method", "backbone", "shots"])["dataset"].nunique().rename("datasets").reset_index()
@@ -192,8 +209,9 @@ def display_table(t: pd.DataFrame) -> pd.DataFrame:
     columns `ours` ('mean ± std' over seeds), `published` and `gap` ('—' where there is none)."""
     if t.empty:
         return pd.DataFrame()
-    index = [k for k in ("row", "dataset", "backbone", "shots", "method", "seeds", "datasets")
-             if k in t.columns and (k in ("row", "dataset", "method", "seeds") or t[k].nunique() > 1)]
+    varying = [k for k in ("backbone", "shots") if t[k].nunique() > 1]
+    index = (["row"] if "row" in t.columns else ["dataset"]) + varying + ["method", "seeds"] \
+        + (["datasets"] if "datasets" in t.columns else [])
     cells = t.assign(
         ours=[_fmt(m) + (f" ± {s:.2f}" if n > 1 else "") for m, s, n in zip(t["mean"], t["std"], t["seeds"])],
         published=t["published"].map(_fmt), gap=t["gap"].map(lambda v: _fmt(v, sign=True)))
@@ -223,10 +241,14 @@ def incomplete(t: pd.DataFrame) -> list[str]:
 
 
 def bar_chart(t: pd.DataFrame, path: str | Path, title: str) -> Path:
-    """Grouped bars of a comparison table, saved as PNG at `path` (returned): one panel per dataset,
-    methods along x, one bar per split (base / novel / hm, or source / targets / average) with the
+    """Grouped bars of a comparison table, saved as PNG at `path` (returned): one panel per dataset
+    (and backbone / shots where those vary), methods along x, one bar per split (base / novel / hm, or source / targets / average) with the
     seed std as error bar; published values, where matched, as black ticks."""
-    panels = list(dict.fromkeys(t["dataset"]))
+    panel_of = t["dataset"].astype(str)
+    for key in ("backbone", "shots"):  # settings that vary get panels of their own
+        if t[key].nunique() > 1:
+            panel_of = panel_of + f", {key} " + t[key].astype(str)
+    panels = list(dict.fromkeys(panel_of))
     cols = min(len(panels), 3)
     rows = math.ceil(len(panels) / cols)
     methods = list(dict.fromkeys(t["method"]))
@@ -236,7 +258,7 @@ def bar_chart(t: pd.DataFrame, path: str | Path, title: str) -> Path:
                  layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, panel in zip(axes, panels):
-        d = t[t["dataset"] == panel]
+        d = t[panel_of == panel]
         for j, split in enumerate(splits):
             s = d[d["split"] == split].set_index("method").reindex(methods)
             x = [i + (j - (len(splits) - 1) / 2) * width for i in range(len(methods))]
@@ -266,7 +288,8 @@ def _markdown(df: pd.DataFrame) -> str:
     flat = df.reset_index()
     header = [" ".join(str(p) for p in (c if isinstance(c, tuple) else (c,)) if str(p)) for c in flat.columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in flat.itertuples(index=False)]
+    lines += ["| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row) + " |"
+              for row in flat.itertuples(index=False)]
     return "\n".join(lines)
 
 

@@ -183,7 +183,7 @@ def train(model: GladModel, items: Sequence[Datum], classnames: Sequence[str], t
 
     with torch.no_grad(), lora_disabled(model.clip), autocast(device, cfg.precision):
         zs_text = model.text_features(classnames, templates).float()
-    text_tuned = "text" in cfg.lora_towers and spec.lora
+    text_tuned = "text" in cfg.lora_towers and spec.lora  # else the text features are zs_text, every step
 
     model.train()
     t0 = time.perf_counter() - result.seconds
@@ -202,12 +202,11 @@ def train(model: GladModel, items: Sequence[Datum], classnames: Sequence[str], t
                     with lora_disabled(model.clip):
                         f_zs = F.normalize(model.clip.encode_image(images).float(), dim=-1)
                     log_p_zs = F.log_softmax(model.logits(f_zs, zs_text, adapted=False), dim=-1)
-                text = None if text_tuned else model.text_features(classnames, templates).float()
             first_logits: list[torch.Tensor] = []
 
             def closure() -> torch.Tensor:
                 with autocast(device, cfg.precision):
-                    t = model.text_features(classnames, templates).float() if text_tuned else text
+                    t = model.text_features(classnames, templates).float() if text_tuned else zs_text
                     f_i = F.normalize(model.clip.encode_image(images).float(), dim=-1)
                     logits = model.logits(f_i, t)
                     loss = F.cross_entropy(logits, labels)

@@ -1,0 +1,220 @@
+"""Notebooks and batch runs, end to end on the smoke parameters (params/smoke/: glad-mini, Tux Paint).
+
+Every notebook is executed headlessly through papermill with its smoke parameters, writing into a
+temporary results folder; its own assert cells check the invariants. Then nbval (`--nbval-lax`)
+executes a copy of the notebook carrying the golden outputs of its `# NBVAL_CHECK_OUTPUT` cells
+(tests/golden/<notebook>.ipynb) and compares them, sanitized by tests/nbval_sanitize.cfg. That second
+execution reads the records of the first, so it costs a kernel start, not a training run.
+
+After an intended change of the printed metrics, regenerate the golden outputs with
+`GLAD_UPDATE_GOLDEN=1 pytest tests/test_notebooks.py` and review the diff of tests/golden/.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import nbformat
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+SMOKE = ROOT / "params" / "smoke"
+GOLDEN = Path(__file__).resolve().parent / "golden"
+SANITIZE = Path(__file__).resolve().parent / "nbval_sanitize.cfg"
+CHECK = "# NBVAL_CHECK_OUTPUT"
+# notebook -> its smoke parameter file (None: the report, which only reads records)
+SMOKE_PARAMS = {"base_to_novel": "base_to_novel.yaml", "ablation": "ablation.yaml",
+                "cross_dataset": "cross_dataset.yaml", "domain_shift": "domain_generalization.yaml", "report": None}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """Environment of the subprocesses: Jupyter / IPython / matplotlib state kept out of the home folder."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        KernelSpecManager().get_kernel_spec("glad")
+    except NoSuchKernel:
+        pytest.fail(f"the notebooks' kernel 'glad' is not installed: {sys.executable} -m ipykernel install "
+                    f"--prefix {sys.prefix} --name glad (make install does it)")
+    try:
+        from glad_core.demo_data import DemoDataUnavailable, prepare_demo_data
+    except ImportError as e:
+        pytest.skip(f"demo data module not available: {e}")
+    try:
+        prepare_demo_data(names=["tuxpaint", "clipart", "clipart10"])
+    except DemoDataUnavailable as e:
+        pytest.skip(f"demo data unavailable here: {e}")
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:  # kernels started here (papermill) inherit it too
+        for key, value in {"MPLBACKEND": "Agg", "IPYTHONDIR": home / "ipython", "MPLCONFIGDIR": home / "mpl",
+                           "JUPYTER_CONFIG_DIR": home / "jupyter"}.items():
+            mp.setenv(key, str(value))
+        yield dict(os.environ)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    """One results folder for the module: later notebooks reuse the records of earlier ones."""
+    return tmp_path_factory.mktemp("results")
+
+
+def _batch(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "glad_core.batch", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def _smoke(name: str, results: Path) -> dict:
+    """The smoke parameters of a notebook, results redirected."""
+    if SMOKE_PARAMS[name] is None:
+        return {"results_dir": str(results)}
+    p = yaml.safe_load((SMOKE / SMOKE_PARAMS[name]).read_text())
+    return {**p, "results_dir": str(results)}
+
+
+# ----------------------------------------------------------------------------- batch
+
+
+def test_batch_runs_every_cell_reports_a_failure_goes_on_and_resumes(env, results, tmp_path):
+    # a cell that fails (a standard dataset with no data), planned before the smoke cells
+    failing = {"datasets": ["eurosat"], "methods": ["zeroshot"], "shots": 1, "backbone": "glad-mini",
+               "data_root": str(tmp_path / "no-data")}
+    (tmp_path / "failing.yaml").write_text(yaml.safe_dump(failing))
+    grid = [str(tmp_path / "failing.yaml"), str(SMOKE / "base_to_novel.yaml"), "--set", f"results_dir={results}"]
+    r = _batch(grid, env)
+    assert r.returncode == 1, r.stdout + r.stderr
+    failed = results / "base_to_novel/eurosat/glad-mini/zeroshot/shots1_seed1.ipynb"
+    assert "FAILED base_to_novel eurosat zeroshot seed 1" in r.stderr and str(failed) in r.stderr
+    errors = [o for c in nbformat.read(failed, as_version=4).cells for o in c.get("outputs", [])
+              if o.output_type == "error"]
+    assert errors and errors[0].ename == "DatasetError" and not failed.with_suffix(".json").exists()
+
+    records = sorted(results.glob("base_to_novel/tuxpaint/glad-mini/*/shots1_seed1.json"))
+    assert [p.parent.name for p in records] == ["glad", "lora", "zeroshot"]  # the others went on
+    for record in records:
+        executed = nbformat.read(record.with_suffix(".ipynb"), as_version=4)
+        assert executed.metadata.papermill.exception is None
+        injected = next(c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", []))
+        assert f'method = "{record.parent.name}"' in injected.source and 'dataset = "tuxpaint"' in injected.source
+        assert record.with_suffix(".png").stat().st_size > 0
+    stamps = [p.with_suffix(".ipynb").stat().st_mtime_ns for p in records]
+
+    again = _batch(grid[1:], env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "3 cells (shard 0/1): 3 done, 0 to run" in again.stdout
+    assert [p.with_suffix(".ipynb").stat().st_mtime_ns for p in records] == stamps  # nothing re-executed
+    failed.unlink()  # leaves the module's results to the smoke cells
+
+
+def test_batch_dry_run_lists_the_plan(env, tmp_path):
+    paper = [str(ROOT / "params" / f) for f in ("base_to_novel.yaml", "ablation.yaml")]
+    r = _batch([*paper, "--dry-run", "--set", f"results_dir={tmp_path}"], env)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    # 11 datasets x 3 seeds x (zeroshot, glad) + (lora, lora+sam, lora+gradreg, lora+alignnet): glad once
+    assert lines[0] == "198 cells (shard 0/1): 0 done, 198 to run"
+    assert len(lines) == 199 and all(line.startswith("todo  ") for line in lines[1:])
+    assert not list(tmp_path.iterdir())  # a dry run writes nothing
+
+
+def test_batch_rejects_a_bad_shard(capsys):
+    from glad_core import batch
+
+    assert batch.main([str(ROOT / "params" / "base_to_novel.yaml"), "--dry-run", "--shard", "4/4"]) == 2
+    assert "0 <= i < n" in capsys.readouterr().err
+
+
+def test_batch_shards_are_disjoint_complete_and_keep_shared_adapters_together(tmp_path):
+    from glad_core import batch
+
+    files = [ROOT / "params" / f"{p}.yaml" for p in ("base_to_novel", "ablation", "cross_dataset",
+                                                     "domain_generalization")]
+    jobs = batch.plan(files, {"results_dir": str(tmp_path)})
+    keys = [str(j.cell.record_path) for j in jobs]
+    assert len(keys) == len(set(keys)) == 198 + 2 * 2 * 3  # transfer: (zeroshot, glad) x 3 seeds, 2 protocols
+    shards = [batch.shard(jobs, i, 4) for i in range(4)]
+    assert sum(len(s) for s in shards) == len(jobs)
+    assert set().union(*({str(j.cell.record_path) for j in s} for s in shards)) == set(keys)
+    assert batch.shard(jobs, 1, 4) == shards[1]  # deterministic
+    for s in shards:  # a cross-dataset cell and the domain-generalization cell sharing its adapter
+        units = {j.unit for j in s}
+        assert all(j.unit in units for j in jobs if j.unit in units)
+    transfer = [j for j in jobs if j.cell.protocol != "base_to_novel" and j.cell.train.method == "glad"]
+    assert len({j.unit for j in transfer}) == 3 and len(transfer) == 6
+
+
+def test_batch_status_and_conflicts(tmp_path):
+    from glad_core import batch
+
+    [job] = batch.plan([{"datasets": ["tuxpaint"], "methods": ["zeroshot"], "results_dir": str(tmp_path)}])
+    assert job.params["dataset"] == "tuxpaint" and "datasets" not in job.params  # one cell, flat
+    assert not batch.is_done(job) and not batch.is_done(job, only_missing=True)
+    job.cell.record_path.parent.mkdir(parents=True)
+    job.cell.record_path.write_text("{}")
+    assert batch.is_done(job, only_missing=True) and not batch.is_done(job)  # record, no executed notebook
+    nb = nbformat.v4.new_notebook(metadata={"papermill": {"end_time": "2026-01-01T00:00:00", "exception": None}})
+    nbformat.write(nb, job.output)
+    assert batch.is_done(job)
+    with pytest.raises(batch.BatchError, match="same record"):
+        batch.plan([{"datasets": ["tuxpaint"], "epochs": e, "results_dir": str(tmp_path)} for e in (1, 2)])
+
+
+# ----------------------------------------------------------------------------- notebooks
+
+
+def _check_cells(nb: nbformat.NotebookNode) -> list:
+    return [c for c in nb.cells if c.cell_type == "code" and c.source.startswith(CHECK)]
+
+
+@pytest.mark.parametrize("name", list(SMOKE_PARAMS))
+def test_notebook(name, env, results, tmp_path):
+    import papermill as pm
+
+    source = NOTEBOOKS / f"{name}.ipynb"
+    nb = nbformat.read(source, as_version=4)
+    nbformat.validate(nb)
+    assert sum("parameters" in c.metadata.get("tags", []) for c in nb.cells) == 1
+    assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), "store notebooks without outputs"
+    assert _check_cells(nb), f"{name} has no {CHECK} cell"
+    executed, check = tmp_path / "executed.ipynb", tmp_path / "check" / source.name
+    check.parent.mkdir()
+    if name == "report":  # every smoke record present whichever tests ran before, then the batch runs the report
+        r = _batch([*map(str, sorted(SMOKE.glob("*.yaml"))), "--only-missing", "--report",
+                    "--set", f"results_dir={results}"], env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        executed = results / "report" / source.name
+        assert f"report: {results / 'report' / 'report.md'}" in r.stdout
+    else:  # raises on any failing cell, the assert cells included
+        pm.execute_notebook(str(source), str(executed), parameters=_smoke(name, results), cwd=str(NOTEBOOKS),
+                            progress_bar=False)
+    golden = GOLDEN / source.name
+    if os.environ.get("GLAD_UPDATE_GOLDEN"):
+        out = nbformat.v4.new_notebook(cells=_check_cells(nbformat.read(executed, as_version=4)),
+                                       metadata=nb.metadata)
+        golden.parent.mkdir(exist_ok=True)
+        nbformat.write(out, golden)
+        pytest.skip(f"golden outputs written to {golden}")
+    assert golden.exists(), f"no golden outputs for {name}: run GLAD_UPDATE_GOLDEN=1 pytest {__file__}"
+
+    pm.execute_notebook(str(source), str(check), parameters=_smoke(name, results), prepare_only=True)
+    stored = {c.id: c for c in nbformat.read(golden, as_version=4).cells}
+    prepared = nbformat.read(check, as_version=4)
+    for cell in _check_cells(prepared):
+        assert cell.id in stored, f"{name}: check cell {cell.id} has no golden output; regenerate (see module doc)"
+        cell.outputs, cell.execution_count = stored[cell.id].outputs, stored[cell.id].execution_count
+    nbformat.write(prepared, check)
+    r = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-sanitize-with", str(SANITIZE),
+                        "-p", "no:cacheprovider", "-o", "addopts=", "--rootdir", str(check.parent), "-q", str(check)],
+                       cwd=check.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"{name}: outputs differ from {golden}\n{r.stdout[-6000:]}{r.stderr[-2000:]}"
+    if name == "report":
+        report = results / "report" / "report.md"
+        assert report.exists() and "not available" in report.read_text()
+        assert sorted(p.name for p in report.parent.glob("*.png")) == [
+            "table1_base_to_novel.png", "table2_cross_dataset.png", "table3_domain_generalization.png",
+            "table4_ablation.png"]

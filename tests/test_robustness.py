@@ -1,0 +1,396 @@
+"""Robustness: parameters validated up front, atomic records, kill-and-resume batch runs, per-epoch
+checkpoint resume, determinism, non-finite losses and unreadable images.
+
+Everything runs on a tiny random-init open_clip model and a few generated images in a folder tree,
+laid out as the `eurosat` dataset (class folders plus a CoOp split file written by the user-folder
+loader), so `run_cell` finds it by name under a temporary data root.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import open_clip
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from safetensors.torch import load_file
+
+import glad_core.train as train_module
+from glad_core import params as P
+from glad_core.data import Datum, ImageReadError
+from glad_core.datasets import load_dataset, load_folder_dataset
+from glad_core.io import write_json
+from glad_core.lora import adapter_state_dict
+from glad_core.protocols import run_cell
+from glad_core.train import GladModel, NonFiniteLossError, TrainConfig, evaluate, train
+
+ROOT = Path(__file__).resolve().parent.parent
+CLASSES = ("red", "green", "blue", "yellow")
+COLORS = ((220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 30))
+TEMPLATES = ["a photo of {}."]
+# Record fields that legitimately differ between two runs of the same cell.
+VOLATILE = ("timings", "finished", "adapter", "git_commit", "git_dirty")
+
+
+def _write_image(path: Path, rgb: tuple[int, int, int], g: torch.Generator) -> None:
+    px = (torch.tensor(rgb).view(3, 1, 1) + 30 * torch.randn(3, 32, 32, generator=g)).clamp(0, 255)
+    Image.fromarray(px.permute(1, 2, 0).byte().numpy()).save(path)
+
+
+@pytest.fixture()
+def data_root(tmp_path) -> Path:
+    """A data root holding `eurosat/` as class folders (8 images each) and a CoOp split file."""
+    root = tmp_path / "data"
+    images = root / "eurosat" / "2750"
+    g = torch.Generator().manual_seed(0)
+    for name, rgb in zip(CLASSES, COLORS):
+        (images / name).mkdir(parents=True)
+        for i in range(8):
+            _write_image(images / name / f"{i}.png", rgb, g)
+    load_folder_dataset(images, "eurosat", split_file=root / "eurosat" / "split_zhou_EuroSAT.json")
+    return root
+
+
+def _cell_params(tiny_config: str, data_root: Path, results: Path, **kw: Any) -> dict[str, Any]:
+    return {"protocol": "base_to_novel", "datasets": ["eurosat"], "methods": ["glad"], "seeds": [1],
+            "shots": 2, "backbone": tiny_config, "pretrained": None, "data_root": str(data_root),
+            "results_dir": str(results), "epochs": 2, "batch_size": 2, "device": "cpu", **kw}
+
+
+def _comparable(record: dict) -> dict:
+    """The record without what differs between runs: timings, paths, the commit."""
+    out = {k: v for k, v in record.items() if k not in VOLATILE}
+    out["params"] = {**record["params"], "results_dir": None}
+    out["train"] = {**record["train"], "seconds": None}
+    return out
+
+
+def _model(tiny_config: str, **cfg: Any) -> GladModel:
+    torch.manual_seed(0)
+    clip, _, _ = open_clip.create_model_and_transforms(tiny_config, pretrained=None)
+    return GladModel(clip, open_clip.get_tokenizer(tiny_config),
+                     TrainConfig(**{"device": "cpu", "batch_size": 4, "method": "glad", **cfg}))
+
+
+def _items(data_root: Path) -> list[Datum]:
+    return load_dataset("eurosat", data_root).train
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread (no per-op thread synchronisation)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+@pytest.fixture()
+def base_params(tiny_config, data_root, tmp_path) -> dict[str, Any]:
+    return _cell_params(tiny_config, data_root, tmp_path / "results")
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("shots", 0, "[1, inf]"),
+    ("shots", "four", "expected int"),
+    ("epochs", 2.5, "expected int"),
+    ("alpha", 1.5, "[0, 1]"),
+    ("alpha", -0.1, "[0, 1]"),
+    ("rho", -0.05, "[0, inf]"),
+    ("lr", "fast", "expected int/float"),
+    ("methods", ["glad", "coop"], "lora+gradreg"),
+    ("datasets", ["eurosatt"], "eurosat"),
+    ("protocol", "few_shot", "base_to_novel"),
+    ("backbone", "ViT-B-33", "open_clip.list_models()"),
+    ("precision", "fp8", "bf16"),
+    ("device", "tpu", "cuda"),
+    ("lora_towers", ["image", "audio"], "image"),
+])
+def test_bad_value_names_key_value_and_allowed(base_params, key, value, allowed):
+    with pytest.raises(P.ParamError) as e:
+        P.validate({**base_params, key: value})
+    msg = str(e.value)
+    shown = value[-1] if key in ("methods", "datasets") else value
+    assert repr(key) in msg and repr(shown) in msg and allowed in msg, msg
+
+
+def test_unknown_key_names_key_value_and_allowed_keys(base_params):
+    with pytest.raises(P.ParamError) as e:
+        P.validate({**base_params, "learning_rate": 0.1})
+    msg = str(e.value)
+    assert "'learning_rate'" in msg and "0.1" in msg and "'lr'" in msg and "'rho'" in msg, msg
+
+
+def test_validation_happens_before_any_work(base_params, tmp_path, monkeypatch, capsys):
+    """A bad value anywhere in the file stops the run before any cell starts or any file is written."""
+    import glad_core.protocols
+    from glad_core.__main__ import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**base_params, "methods": ["zeroshot", "glad"], "alpha": 2.0}))
+    monkeypatch.setattr(glad_core.protocols, "run_cell", lambda *a, **k: pytest.fail("a cell ran"))
+    assert main(["run", str(path)]) == 2
+    assert "'alpha' = 2.0" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+
+
+def _values() -> st.SearchStrategy:
+    scalars = (st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=True)
+               | st.text(max_size=12) | st.sampled_from(["glad", "eurosat", "ViT-B-32", "image", "text", "1e-3",
+                                                         "nan", "cpu", "auto", "base_to_novel"]))
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                            max_size=3),
+                        max_leaves=8)
+
+
+def _fuzz_params() -> st.SearchStrategy:
+    keys = st.sampled_from(sorted(P.SCHEMA)) | st.text(max_size=10)
+    return st.dictionaries(keys, _values(), max_size=6)
+
+
+def _check_valid(out: dict[str, Any]) -> None:
+    """A mapping `validate` accepts builds its cells and validates again to itself."""
+    assert P.validate(out) == out
+    P.cells(out)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(params=_fuzz_params())
+def test_validate_fuzz_raises_only_param_error(params):
+    try:
+        out = P.validate({"datasets": ["eurosat"], **params})
+    except P.ParamError:
+        return
+    _check_valid(out)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=80) | _fuzz_params().map(lambda d: yaml.safe_dump({"datasets": ["eurosat"], **d})))
+def test_load_fuzz_yaml_raises_only_param_error(tmp_path, text):
+    path = tmp_path / "fuzz.yaml"
+    path.write_bytes(text.encode("utf-8", "surrogatepass"))
+    try:
+        out = P.load(path)
+    except P.ParamError:
+        return
+    _check_valid(out)
+
+
+@pytest.mark.parametrize("text", ["datasets: [eurosat]\nseed: 2001-13-45\n", "- a\n- b\n", "datasets: [eurosat\n",
+                                  "? [a, b]\n: 1\n", "lr: .nan\ndatasets: [eurosat]\n"])
+def test_load_malformed_yaml(tmp_path, text):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    with pytest.raises(P.ParamError):
+        P.load(path)
+
+
+def test_load_undecodable_file(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_bytes(b"datasets: [\xff\xfe]\n")
+    with pytest.raises(P.ParamError, match="p.yaml"):
+        P.load(path)
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def test_failed_write_leaves_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "rec.json"
+    write_json(path, {"a": 1})
+
+    class Unserializable:
+        def __repr__(self) -> str:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        write_json(path, {"a": 2, "b": Unserializable()})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["rec.json"]
+
+
+DRIVER = textwrap.dedent("""
+    import json, sys
+    import open_clip
+    from glad_core import params as P
+    from glad_core.protocols import run_cell
+
+    config_dir, params = sys.argv[1], json.loads(sys.argv[2])
+    open_clip.add_model_config(config_dir)
+    cells = P.cells(params)
+    print("ready", flush=True)
+    for cell in cells:
+        run_cell(cell, progress=False)
+        print("done", cell.record_path, flush=True)
+""")
+
+
+def _batch(config_dir: Path, params: dict, kill_after: float | None) -> subprocess.CompletedProcess | None:
+    """Run every cell in a fresh process; with `kill_after`, SIGKILL it that long after it is ready."""
+    cmd = [sys.executable, "-c", DRIVER, str(config_dir), json.dumps(params)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",  # as in this process (see one_thread): identical numbers
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    if kill_after is None:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(kill_after)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return None
+
+
+def _finished_records(results: Path) -> dict[Path, str]:
+    """Every record file under `results` (each must be complete JSON) with its text; adapters must load."""
+    for path in results.rglob("*.safetensors"):
+        load_file(path)
+    out = {}
+    for path in results.rglob("*.json"):
+        text = path.read_text()
+        assert "finished" in json.loads(text), path
+        out[path] = text
+    return out
+
+
+@pytest.fixture()
+def config_dir(tiny_config, tmp_path_factory) -> Path:
+    """The folder holding the tiny model's open_clip config, for child processes to register."""
+    d = tmp_path_factory.mktemp("child_cfg")
+    (d / f"{tiny_config}.json").write_text(json.dumps(open_clip.get_model_config(tiny_config)))
+    return d
+
+
+def test_batch_killed_at_random_moments_resumes_without_loss(tiny_config, config_dir, data_root, tmp_path):
+    results = tmp_path / "killed"
+    params = _cell_params(tiny_config, data_root, results, methods=["zeroshot", "lora", "glad"], seeds=[1, 2],
+                          epochs=3)
+    expected = [c.record_path for c in P.cells(params)]
+    rng = random.Random(0)
+    seen: dict[Path, str] = {}
+    for _ in range(2):
+        _batch(config_dir, params, kill_after=rng.uniform(0.1, 1.5))
+        now = _finished_records(results)
+        assert all(now[p] == text for p, text in seen.items()), "a finished record changed"
+        seen = now
+    done = _batch(config_dir, params, kill_after=None)
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = _finished_records(results)
+    assert sorted(final) == sorted(expected)
+    assert all(final[p] == text for p, text in seen.items())
+
+    # the interrupted-and-resumed batch gives the records of an uninterrupted one
+    clean = tmp_path / "clean"
+    for cell in P.cells({**params, "results_dir": str(clean)}):
+        run_cell(cell, progress=False)
+    for path in expected:
+        ref = json.loads((clean / path.relative_to(results)).read_text())
+        got = json.loads(path.read_text())
+        assert _comparable(got) == _comparable(ref), path
+
+
+# ----------------------------------------------------------------------------- resume and determinism
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@contextmanager
+def _interrupt_after_checkpoints(k: int, monkeypatch) -> Iterator[None]:
+    """Make `train` stop (as if killed) right after writing its k-th per-epoch checkpoint."""
+    real, saved = train_module.atomic_path, []
+
+    @contextmanager
+    def atomic_then_stop(path):
+        with real(path) as tmp:
+            yield tmp
+        saved.append(path)
+        if len(saved) == k:
+            raise _Interrupt
+
+    monkeypatch.setattr(train_module, "atomic_path", atomic_then_stop)
+    yield
+    monkeypatch.setattr(train_module, "atomic_path", real)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_resume_after_epoch_k_equals_uninterrupted(tiny_config, data_root, tmp_path, monkeypatch, k):
+    items, names = _items(data_root), list(CLASSES)
+    full = _model(tiny_config, epochs=3)
+    ref = train(full, items, names, TEMPLATES, checkpoint=tmp_path / "full.ckpt", progress=False)
+
+    ckpt = tmp_path / "cut.ckpt"
+    with _interrupt_after_checkpoints(k, monkeypatch), pytest.raises(_Interrupt):
+        train(_model(tiny_config, epochs=3), items, names, TEMPLATES, checkpoint=ckpt, progress=False)
+    assert torch.load(ckpt, weights_only=False)["epoch"] == k - 1
+    resumed = _model(tiny_config, epochs=3)
+    res = train(resumed, items, names, TEMPLATES, checkpoint=ckpt, progress=False)
+
+    assert res.history == ref.history
+    assert res.steps == ref.steps
+    a, b = adapter_state_dict(full), adapter_state_dict(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    transform = open_clip.create_model_and_transforms(tiny_config, pretrained=None)[2]
+    assert evaluate(full, items, names, TEMPLATES, transform, progress=False) == \
+        evaluate(resumed, items, names, TEMPLATES, transform, progress=False)
+
+
+def test_same_parameters_and_seed_give_identical_records(tiny_config, data_root, tmp_path):
+    records = []
+    for run in ("a", "b"):
+        params = _cell_params(tiny_config, data_root, tmp_path / run, methods=["glad"], epochs=2)
+        (cell,) = P.cells(params)
+        rec = run_cell(cell, progress=False)
+        records.append(_comparable(rec))
+    assert records[0]["metrics"] == records[1]["metrics"]  # exact float equality
+    assert records[0] == records[1]
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+def test_non_finite_loss_stops_with_clear_error_and_keeps_last_checkpoint(tiny_config, data_root, tmp_path):
+    """NaN image features from epoch 2 on: training stops there, epoch 1's checkpoint is intact."""
+    model = _model(tiny_config, epochs=3)
+    ckpt = tmp_path / "run.ckpt"
+    model.clip.visual.register_forward_hook(lambda m, i, out: out * float("nan") if ckpt.exists() else out)
+    with pytest.raises(NonFiniteLossError) as e:
+        train(model, _items(data_root), list(CLASSES), TEMPLATES, checkpoint=ckpt, progress=False)
+    msg = str(e.value)
+    assert "non-finite loss" in msg and "epoch 2" in msg and str(ckpt) in msg, msg
+    state = torch.load(ckpt, weights_only=False)
+    assert state["epoch"] == 0 and len(state["result"]["history"]) == 1
+    assert all(torch.isfinite(t).all() for t in state["adapter"].values())
+    assert [p.name for p in tmp_path.iterdir()] == ["data", "run.ckpt"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("kind", ["truncated", "not an image", "empty"])
+def test_unreadable_image_error_names_the_file(tiny_config, data_root, kind):
+    items = _items(data_root)
+    bad = Path(items[1].impath)
+    data = bad.read_bytes()
+    bad.write_bytes({"truncated": data[: len(data) // 2], "not an image": b"hello, world\n" * 20, "empty": b""}[kind])
+    model = _model(tiny_config, epochs=1)
+    transform = open_clip.create_model_and_transforms(tiny_config, pretrained=None)[2]
+    with pytest.raises(ImageReadError, match=re.escape(str(bad))):
+        evaluate(model, items, list(CLASSES), TEMPLATES, transform, progress=False)
+    with pytest.raises(ImageReadError, match=re.escape(str(bad))):
+        train(model, items, list(CLASSES), TEMPLATES, progress=False)
