@@ -4,13 +4,14 @@
     python -m glad_core run params/demo/base_to_novel.yaml --epochs 2 --seeds 1
     python -m glad_core run --protocol base_to_novel --datasets eurosat --data-root $DATA \\
         --backbone glad-mini --methods zeroshot,lora,glad --shots 16 --epochs 5
-    python -m glad_core demo                          # the main job on the embedded default
+    python -m glad_core demo                          # params/demo/*.yaml in batch, then the report
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -64,20 +65,19 @@ def cmd_run(params: dict[str, Any]) -> list[dict]:
     return records
 
 
-def cmd_demo() -> None:
-    import pandas as pd
-
-    from .results import base_to_novel_table, collect
+def cmd_demo() -> int:
+    """Every cell of params/demo/ (three protocols and the ablation) as notebooks, then the report."""
+    from . import batch
 
     t = time.perf_counter()
-    params = P.load("params/demo/base_to_novel.yaml")
-    cmd_run(params)
-    df = collect(params["results_dir"])
-    df = df[df["dataset"].isin(params["datasets"]) & df["method"].isin(params["methods"])]
-    with pd.option_context("display.width", 120):
-        print("\nBase-to-novel accuracy (%), glad-mini on real images:\n")
-        print(base_to_novel_table(df).to_string())
-    print(f"\nrecords under {params['results_dir']}/; demo took {(time.perf_counter() - t) / 60:.1f} min")
+    files = sorted(str(p) for p in (batch.NOTEBOOK_DIR.parent / "params" / "demo").glob("*.yaml"))
+    code = batch.main([*files, "--report"])
+    report = Path(P.load(files[0])["results_dir"]).resolve() / "report" / "report.md"
+    if report.exists():
+        print("\n" + report.read_text())
+        print(f"report (with figures): {report}\nnotebooks: {batch.NOTEBOOK_DIR} (make lab)")
+    print(f"demo took {(time.perf_counter() - t) / 60:.1f} min")
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("prepare", help="build glad-mini and the demo datasets (idempotent)")
     run = sub.add_parser("run", help="run every cell of a parameter grid, writing records")
     run.add_argument("params", nargs="?", help="YAML parameter file (see params/)")
-    sub.add_parser("demo", help="the main job on the embedded default")
+    sub.add_parser("demo", help="the main job on the embedded default: params/demo/ in batch, then the report")
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "prepare":
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides = _parse_overrides(rest)
             cmd_run(P.load(args.params, **overrides) if args.params else P.validate(overrides))
         elif args.command == "demo":
-            cmd_demo()
+            return cmd_demo()
     except P.ParamError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

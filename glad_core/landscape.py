@@ -38,7 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .data import Datum, ImageDataset, Splits
 from .lora import load_lora, lora_disabled, lora_layers
 from .protocols import Cell, run_cell
-from .train import GladModel, TrainConfig, resolve_device
+from .train import GladModel, TrainConfig, resolve_device, tuning_loss
 
 Loss = Callable[[], torch.Tensor]
 Vector = list[torch.Tensor]  # one tensor per parameter: a point or direction in θ-space
@@ -47,16 +47,6 @@ Vector = list[torch.Tensor]  # one tensor per parameter: a point or direction in
 # ---------------------------------------------------------------------------------------------
 # The objective over fixed batches
 # ---------------------------------------------------------------------------------------------
-
-def tuning_loss(logits: torch.Tensor, labels: torch.Tensor, log_p_zs: torch.Tensor | None,
-                kl_weight: float) -> torch.Tensor:
-    """CE(logits, y) + λ · KL(p_zs ‖ softmax(logits)): the objective `train` minimises per batch."""
-    loss = F.cross_entropy(logits, labels)
-    if kl_weight > 0:
-        loss = loss + kl_weight * F.kl_div(F.log_softmax(logits, dim=-1), log_p_zs, log_target=True,
-                                           reduction="batchmean")
-    return loss
-
 
 class FixedBatchLoss:
     """L(θ) = Σ_b (n_b / N) ℓ_b(θ), the training objective over fixed batches, in eval mode.

@@ -38,10 +38,3 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     out["std"] = out["std"].fillna(0.0)
     return out
 
-
-def base_to_novel_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows (dataset, method), columns base / novel / hm as 'mean ± std' over seeds, as in Table 1."""
-    s = summarize(df[df["protocol"] == "base_to_novel"])
-    s["cell"] = s.apply(lambda r: f"{r['mean']:.2f}" + (f" ± {r['std']:.2f}" if r["seeds"] > 1 else ""), axis=1)
-    t = s.pivot_table(index=["dataset", "method"], columns="split", values="cell", aggfunc="first", sort=False)
-    return t.reindex(columns=[c for c in ("base", "novel", "hm") if c in t.columns])

@@ -151,6 +151,16 @@ def train_transform(clip: nn.Module, scale_min: float = 0.5) -> Callable:
     return image_transform_v2(cfg, is_train=True, aug_cfg=AugmentationCfg(scale=(scale_min, 1.0)))
 
 
+def tuning_loss(logits: torch.Tensor, labels: torch.Tensor, log_p_zs: torch.Tensor | None,
+                kl_weight: float) -> torch.Tensor:
+    """CE(logits, y) + λ · KL(p_zs ‖ softmax(logits)), λ = `kl_weight`: the loss of section 3 per batch."""
+    loss = F.cross_entropy(logits, labels)
+    if kl_weight > 0:
+        loss = loss + kl_weight * F.kl_div(F.log_softmax(logits, dim=-1), log_p_zs, log_target=True,
+                                           reduction="batchmean")
+    return loss
+
+
 @dataclass
 class TrainResult:
     history: list[dict] = field(default_factory=list)
@@ -197,6 +207,7 @@ def train(model: GladModel, items: Sequence[Datum], classnames: Sequence[str], t
         loss_sum, correct, seen = 0.0, 0, 0
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
+            log_p_zs = None
             with torch.no_grad(), autocast(device, cfg.precision):
                 if cfg.kl_weight > 0:
                     with lora_disabled(model.clip):
@@ -209,10 +220,7 @@ def train(model: GladModel, items: Sequence[Datum], classnames: Sequence[str], t
                     t = model.text_features(classnames, templates).float() if text_tuned else zs_text
                     f_i = F.normalize(model.clip.encode_image(images).float(), dim=-1)
                     logits = model.logits(f_i, t)
-                    loss = F.cross_entropy(logits, labels)
-                    if cfg.kl_weight > 0:
-                        loss = loss + cfg.kl_weight * F.kl_div(F.log_softmax(logits, dim=-1), log_p_zs,
-                                                               log_target=True, reduction="batchmean")
+                    loss = tuning_loss(logits, labels, log_p_zs, cfg.kl_weight)
                 if not first_logits:
                     first_logits.append(logits.detach())
                 return loss

@@ -69,3 +69,29 @@ def test_training_improves_fit(tiny_clip, color_items):
 def test_harmonic_mean():
     assert harmonic_mean(0.8, 0.6) == pytest.approx(2 * 0.8 * 0.6 / 1.4)
     assert harmonic_mean(0.0, 0.0) == 0.0
+
+
+def test_short_glad_run_on_glad_mini_improves_training_accuracy(tmp_path):
+    """GLAD on the pretrained glad-mini and real Tux Paint photos: the fit of the training images rises."""
+    from glad_core.datasets import fewshot
+    from glad_core.demo_data import DemoDataUnavailable, load_demo, prepare_demo_data
+    from glad_core.models import load_backbone
+
+    try:
+        prepare_demo_data(names=["tuxpaint"])
+    except DemoDataUnavailable as e:
+        pytest.skip(f"demo data unavailable here: {e}")
+    clip, preprocess, tokenizer = load_backbone("glad-mini")
+    split = fewshot(load_demo("tuxpaint"), shots=4, seed=1, cache=tmp_path)
+    model = GladModel(clip, tokenizer, TrainConfig(method="glad", device="cpu", epochs=4, batch_size=8,
+                                                   lr=2e-3, aug_scale_min=0.8))
+
+    def fit() -> float:
+        return evaluate(model, split.train, split.classnames, split.templates, preprocess, progress=False)["acc"]
+
+    before = fit()
+    res = train(model, split.train, split.classnames, split.templates, progress=False)
+    after = fit()
+    assert len(split.train) == 40 and res.steps == 4 * 5
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+    assert after >= before + 0.1, (before, after)
