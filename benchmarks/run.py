@@ -41,6 +41,7 @@ from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
 import glad_core  # noqa: E402
+import glad_core.protocols  # noqa: E402
 from glad_core.data import Datum  # noqa: E402
 from glad_core.encode import encode_text, prompts, trim_padding  # noqa: E402
 from glad_core.gradreg import MODES, GradRegStep  # noqa: E402
@@ -565,13 +566,7 @@ def bench_model(name: str, loaded: tuple[nn.Module, Callable, Callable], s: Sett
 
 
 def environment(threads: int) -> dict[str, str]:
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "open_clip": open_clip.__version__,
-                "glad_core": glad_core.__version__}
-    for mod in ("timm", "transformers"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except ImportError:
-            pass
+    env = glad_core.protocols.environment()
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -580,7 +575,7 @@ def environment(threads: int) -> dict[str, str]:
         pass
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}",
-            "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
+            "versions": ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
             "threads": f"torch intra-op threads {threads}",
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}
 

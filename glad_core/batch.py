@@ -150,7 +150,8 @@ def execute(notebook: Path, output: Path, parameters: dict[str, Any]) -> None:
     logging.getLogger("papermill").setLevel(logging.ERROR)  # cells get every key, declared in the notebook or not
     output.parent.mkdir(parents=True, exist_ok=True)
     pm.execute_notebook(str(notebook), str(output), parameters=parameters, cwd=str(notebook.parent),
-                        progress_bar=False)
+                        progress_bar=False,
+                        extra_arguments=["--IPKernelApp.log_level=ERROR"])  # no per-cell kernel banner warnings
 
 
 def run(jobs: Sequence[Job], only_missing: bool = False, progress: bool = True) -> list[str]:
