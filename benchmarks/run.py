@@ -599,7 +599,7 @@ def table(rows: Sequence[Row]) -> str:
 README = """\
 ## How to run
 
-    python benchmarks/run.py                    # full run (about 15 minutes on 2 CPU cores)
+    python benchmarks/run.py                    # full run (15-20 minutes on 2 CPU cores)
     python benchmarks/run.py --quick            # fewer repeats
     python benchmarks/run.py --models ViT-B-32 --out my-results.md
 
