@@ -85,16 +85,19 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("prepare", help="build glad-mini and the demo datasets (idempotent)")
-    run = sub.add_parser("run", help="run every cell of a parameter grid, writing records")
-    run.add_argument("params", nargs="?", help="YAML parameter file (see params/)")
+    sub.add_parser("run", help="run every cell of a parameter grid, writing records: "
+                              "[params.yaml] [--key value ...] (see params/)")
     sub.add_parser("demo", help="the main job on the embedded default: params/demo/ in batch, then the report")
     args, rest = parser.parse_known_args(argv)
     try:
+        if args.command != "run" and rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "prepare":
             cmd_prepare()
-        elif args.command == "run":
+        elif args.command == "run":  # the optional YAML file first, then `--key value` overrides
+            path = rest.pop(0) if rest and not rest[0].startswith("--") else None
             overrides = _parse_overrides(rest)
-            cmd_run(P.load(args.params, **overrides) if args.params else P.validate(overrides))
+            cmd_run(P.load(path, **overrides) if path else P.validate(overrides))
         elif args.command == "demo":
             return cmd_demo()
     except P.ParamError as e:

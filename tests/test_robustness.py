@@ -151,6 +151,24 @@ def test_validation_happens_before_any_work(base_params, tmp_path, monkeypatch, 
     assert not (tmp_path / "results").exists()
 
 
+def test_cli_run_takes_a_file_and_overrides_or_overrides_alone(base_params, tmp_path, monkeypatch, capsys):
+    """`run [params.yaml] --key value ...`: the README's commands parse into the validated grid."""
+    import glad_core.__main__ as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "cmd_run", seen.append)
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(base_params))
+    assert cli.main(["run", str(path), "--epochs", "2", "--seeds", "1,2"]) == 0
+    assert seen[-1]["epochs"] == 2 and seen[-1]["seeds"] == [1, 2]
+    assert cli.main(["run", "--protocol", "base_to_novel", "--datasets", "eurosat", "--data-root", "/data",
+                     "--backbone", "glad-mini", "--methods", "zeroshot,lora,glad", "--shots", "16"]) == 0
+    assert (seen[-1]["datasets"], seen[-1]["methods"], seen[-1]["shots"], seen[-1]["data_root"]) == \
+        (["eurosat"], ["zeroshot", "lora", "glad"], 16, "/data")
+    assert cli.main(["run", "--datasets"]) == 2
+    assert "'datasets' has no value" in capsys.readouterr().err
+
+
 def _values() -> st.SearchStrategy:
     scalars = (st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=True)
                | st.text(max_size=12) | st.sampled_from(["glad", "eurosat", "ViT-B-32", "image", "text", "1e-3",
