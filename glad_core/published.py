@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from .results import harmonic_mean  # noqa: F401  (re-exported for table checks)
-
 DATA_DIR = Path(__file__).resolve().parent / "published"
 
 #: The 11 base-to-novel / cross-dataset datasets, in the usual CoOp order.
