@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -72,7 +71,7 @@ def cmd_demo() -> int:
     t = time.perf_counter()
     files = sorted(str(p) for p in (batch.NOTEBOOK_DIR.parent / "params" / "demo").glob("*.yaml"))
     code = batch.main([*files, "--report"])
-    report = Path(P.load(files[0])["results_dir"]).resolve() / "report" / "report.md"
+    report = batch.report_path(P.load(files[0])["results_dir"])
     if report.exists():
         print("\n" + report.read_text())
         print(f"report (with figures): {report}\nnotebooks: {batch.NOTEBOOK_DIR} (make lab)")

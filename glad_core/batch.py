@@ -175,12 +175,17 @@ def run(jobs: Sequence[Job], only_missing: bool = False, progress: bool = True) 
     return failures
 
 
+def report_path(results_dir: str | Path) -> Path:
+    """Where the report of `results_dir` goes: `<results_dir>/report/report.md`, its notebook beside it."""
+    return Path(results_dir).resolve() / "report" / "report.md"
+
+
 def report(results_dir: str | Path) -> Path:
     """Execute the report notebook on every record under `results_dir`; returns the written report.md."""
-    out = Path(results_dir).resolve() / "report"
+    out = report_path(results_dir).parent
     check_kernels([REPORT])
     execute(REPORT, out / REPORT.name, {"results_dir": str(out.parent), "out_dir": str(out)})
-    return out / "report.md"
+    return report_path(results_dir)
 
 
 def _parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
@@ -223,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 print(f"report: {report(results_dir)}", flush=True)
             except Exception as e:  # reported like a failed cell
-                failures.append(f"FAILED report: {type(e).__name__}\n    see {Path(results_dir) / 'report' / REPORT.name}")
+                failures.append(f"FAILED report: {type(e).__name__}\n    see {report_path(results_dir).parent / REPORT.name}")
     except (P.ParamError, BatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
