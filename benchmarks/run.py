@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import weakref
+from unittest import mock
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,8 +46,9 @@ import glad_core.protocols  # noqa: E402
 from glad_core.data import Datum  # noqa: E402
 from glad_core.encode import encode_text, prompts, trim_padding  # noqa: E402
 from glad_core.gradreg import MODES, GradRegStep  # noqa: E402
-from glad_core.lora import lora_disabled, merge_lora, unmerge_lora  # noqa: E402
-from glad_core.train import GladModel, TrainConfig, autocast, evaluate  # noqa: E402
+from glad_core.lora import merge_lora, unmerge_lora  # noqa: E402
+from glad_core.methods import build  # noqa: E402
+from glad_core.train import Step, TrainConfig, evaluate  # noqa: E402
 from memory import MB, PeakRSS  # noqa: E402
 
 TEMPLATES = ["a photo of a {}."]
@@ -154,25 +156,24 @@ def med(times: dict[str, list[float]], name: str) -> float:
 
 
 class StepBench:
-    """One training step of `glad_core.train.train`, rebuilt call for call on a fixed batch.
-
-    The step is what `train`'s inner loop does per batch: the zero-shot target (no_grad, LoRA off)
-    when the KL weight is positive, then `GradRegStep.step` with the same closure (class text
-    features through the adapted text tower, image features, logits, CE + KL).
+    """One training step of `glad_core.train.train` on a fixed batch: its `Step` (zero-shot target when
+    the KL weight is positive, the method's forward and loss as closure) under each step rule.
     """
 
     def __init__(self, clip: nn.Module, tokenizer: Callable, settings: Settings, method: str = "lora",
                  device: str = "cpu", precision: str = "auto"):
         self.cfg = TrainConfig(method=method, device=device, precision=precision)
+        self.kl_weight = self.cfg.kl_weight or 1.0  # steps "with KL" use it; the others set it to 0
         self.device = torch.device(device)
-        self.model = GladModel(clip, tokenizer, self.cfg).to(self.device).train()
+        self.model = build(clip, tokenizer, self.cfg).to(self.device).train()
         self.tokenizer = tokenizer
         self.names = classnames(settings.classes)
         g = torch.Generator().manual_seed(0)
         self.images = torch.randn(settings.batch, 3, *image_size(clip), generator=g).to(self.device)
         self.labels = torch.randint(0, settings.classes, (settings.batch,), generator=g).to(self.device)
         self.params = self.model.trainable()
-        optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        optimizer = self.model.optimizer(self.params)
+        self.train_step = Step(self.model, self.names, TEMPLATES, optimizer)
         self.steppers = {m: GradRegStep(self.params, optimizer, mode=m, rho=self.cfg.rho, alpha=self.cfg.alpha,
                                         delta=self.cfg.delta) for m in MODES}
         self.passes: list[float] = []  # seconds of each forward-backward pass of the running step
@@ -181,8 +182,6 @@ class StepBench:
             stepper._grad = self._timed(stepper._grad)
         self.prompts = prompts(self.names, TEMPLATES)
         self.tokens = tokenizer(self.prompts).to(self.device)
-        with torch.no_grad(), lora_disabled(self.model.clip), self.autocast():
-            self.zs_text = self.model.text_features(self.names, TEMPLATES).float()
 
     def _timed(self, grad: Callable) -> Callable:
         """`GradRegStep._grad` (closure, then backward) that records its duration in `self.passes`."""
@@ -193,45 +192,34 @@ class StepBench:
             return out
         return timed
 
-    def autocast(self):
-        return autocast(self.device, self.cfg.precision)
-
     def text_features(self, full_context: bool = False) -> torch.Tensor:
         """Class text features: trimmed (glad_core) or at the full context (model.encode_text).
 
         Both tokenize the prompts on every call, as `train` does.
         """
         if not full_context:
-            return self.model.text_features(self.names, TEMPLATES).float()
+            return self.model.class_features(self.names, TEMPLATES).float()
         tokens = self.tokenizer(self.prompts).to(self.device)
         f = self.model.clip.encode_text(tokens, normalize=True).view(len(TEMPLATES), len(self.names), -1)
         return F.normalize(f.mean(0), dim=-1).float()
 
     def zero_shot(self) -> torch.Tensor:
-        """The zero-shot log-probabilities of the batch (no_grad, LoRA and AlignNet off)."""
-        with torch.no_grad(), self.autocast(), lora_disabled(self.model.clip):
-            f = F.normalize(self.model.clip.encode_image(self.images).float(), dim=-1)
-            return F.log_softmax(self.model.logits(f, self.zs_text, adapted=False), dim=-1)
+        """The zero-shot log-probabilities of the batch (no_grad, every trained part off)."""
+        return self.train_step.zero_shot_log_probs(self.images)
 
     def step(self, mode: str, kl: bool, full_context: bool = False) -> Callable[[], torch.Tensor]:
         """A function running one training step (returns the loss)."""
         def run() -> torch.Tensor:
+            self.cfg.kl_weight = self.kl_weight if kl else 0.0
             log_p_zs = self.zero_shot() if kl else None
-
-            def closure() -> torch.Tensor:
-                with self.autocast():
-                    t = self.text_features(full_context)
-                    f_i = F.normalize(self.model.clip.encode_image(self.images).float(), dim=-1)
-                    logits = self.model.logits(f_i, t)
-                    loss = F.cross_entropy(logits, self.labels)
-                    if kl:
-                        loss = loss + self.cfg.kl_weight * F.kl_div(F.log_softmax(logits, dim=-1), log_p_zs,
-                                                                    log_target=True, reduction="batchmean")
-                return loss
-
+            closure = self.train_step.closure(self.images, self.labels, log_p_zs)
             self.passes.clear()
             t = time.perf_counter()
-            loss = self.steppers[mode].step(closure)
+            if full_context:  # the same step with the text tower run at its full context
+                with mock.patch.object(self.model, "class_features", lambda *a: self.text_features(True)):
+                    loss = self.steppers[mode].step(closure)
+            else:
+                loss = self.steppers[mode].step(closure)
             if not kl and not full_context:
                 self.outside[mode].append(time.perf_counter() - t - sum(self.passes))
             return loss
@@ -398,7 +386,7 @@ def plain_open_clip_eval(clip: nn.Module, tokenizer: Callable, preprocess: Calla
 def eval_row(name: str, clip: nn.Module, preprocess: Callable, tokenizer: Callable, s: Settings) -> Row:
     """Target 5: zero-shot evaluation images/s, glad_core.train.evaluate against the plain loop."""
     names = classnames(s.classes)
-    zs = GladModel(clip, tokenizer, TrainConfig(method="zeroshot", device="cpu", eval_batch_size=s.eval_batch))
+    zs = build(clip, tokenizer, TrainConfig(method="zeroshot", device="cpu", eval_batch_size=s.eval_batch))
     with tempfile.TemporaryDirectory() as d:
         items = write_images(Path(d), s.eval_images, s.classes)
         t = interleave({"glad": lambda: evaluate(zs, items, names, TEMPLATES, preprocess, progress=False),

@@ -13,28 +13,7 @@ import sys
 import time
 from typing import Any
 
-import yaml
-
 from . import params as P
-
-
-def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`--key value` pairs; values are YAML (numbers, null, [lists]); grid keys also take `a,b,c`."""
-    out: dict[str, Any] = {}
-    it = iter(pairs)
-    for flag in it:
-        if not flag.startswith("--"):
-            raise P.ParamError(f"expected --name value, got {flag!r}")
-        key = flag[2:].replace("-", "_")
-        try:
-            raw = next(it)
-        except StopIteration:
-            raise P.ParamError(f"parameter {key!r} has no value") from None
-        value = yaml.safe_load(raw)
-        if key in P.GRID_KEYS + ("targets", "lora_towers", "alignnet_hidden") and not isinstance(value, list):
-            value = [yaml.safe_load(x) for x in str(raw).split(",") if x.strip()]
-        out[key] = value
-    return out
 
 
 def cmd_prepare() -> None:
@@ -95,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd_prepare()
         elif args.command == "run":  # the optional YAML file first, then `--key value` overrides
             path = rest.pop(0) if rest and not rest[0].startswith("--") else None
-            overrides = _parse_overrides(rest)
+            overrides = P.parse_overrides(rest)
             cmd_run(P.load(path, **overrides) if path else P.validate(overrides))
         elif args.command == "demo":
             return cmd_demo()

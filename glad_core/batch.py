@@ -36,12 +36,11 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from . import params as P
-from .__main__ import _parse_overrides
 from .protocols import Cell
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = {"base_to_novel": "base_to_novel.ipynb", "cross_dataset": "cross_dataset.ipynb",
-             "domain_generalization": "domain_shift.ipynb"}
+             "domain_generalization": "domain_generalization.ipynb"}
 REPORT = NOTEBOOK_DIR / "report.ipynb"
 
 
@@ -196,7 +195,7 @@ def _parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
         if not sep or not key:
             raise P.ParamError(f"--set expects key=value, got {pair!r}")
         flags += [f"--{key}", value]
-    return _parse_overrides(flags)
+    return P.parse_overrides(flags)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,7 @@ padding after it) and pools at the end-of-text token; Hugging Face towers mask p
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -52,9 +52,15 @@ def encode_text(model: nn.Module, tokens: torch.Tensor, normalize: bool = True) 
     return F.normalize(x, dim=-1) if normalize else x
 
 
-def prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
-    """All prompts, template-major: templates[0] for every class, then templates[1], ..."""
-    return [tpl.format(c.replace("_", " ")) for tpl in templates for c in classnames]
+Template = Union[str, Callable[[str], str]]
+
+
+def prompts(classnames: Sequence[str], templates: Sequence[Template]) -> list[str]:
+    """All prompts, template-major: templates[0] for every class, then templates[1], ...
+
+    A template is a format string ("a photo of a {}.") or a function of the class name (open_clip's)."""
+    return [tpl(c.replace("_", " ")) if callable(tpl) else tpl.format(c.replace("_", " "))
+            for tpl in templates for c in classnames]
 
 
 def class_text_features(model: nn.Module, tokenizer: Callable, classnames: Sequence[str],

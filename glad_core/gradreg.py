@@ -11,7 +11,7 @@ Inner products and norms are over all trained parameters together, as one vector
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable, Literal, Sequence
 
 import torch
 
@@ -19,16 +19,17 @@ Mode = Literal["gradreg", "sam", "none"]
 MODES: tuple[str, ...] = ("gradreg", "sam", "none")
 
 
-def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+def dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """⟨a, b⟩ over all tensors together (one long vector), in float64."""
     return sum((x.double() * y.double()).sum() for x, y in zip(a, b))
 
 
 def fuse_gradients(g: list[torch.Tensor], g_ref: list[torch.Tensor], alpha: float = 0.5,
                    delta: float = 1e-12) -> list[torch.Tensor]:
     """Eqs. 6-7: project the conflicting part of g' (`g_ref`, taken at θ + ε) off g, then mix."""
-    dot = _dot(g, g_ref)
-    if dot < 0:
-        c = (dot / (_dot(g, g) + delta)).item()
+    g_dot = dot(g, g_ref)
+    if g_dot < 0:
+        c = (g_dot / (dot(g, g) + delta)).item()
         g_ref = [r - c * x for x, r in zip(g, g_ref)]
     return [(1 - alpha) * x + alpha * r for x, r in zip(g, g_ref)]
 
@@ -60,7 +61,7 @@ class GradRegStep:
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
         loss, g = self._grad(closure)
         if self.mode != "none":
-            norm = _dot(g, g).sqrt().item()
+            norm = dot(g, g).sqrt().item()
             theta = [p.detach().clone() for p in self.params]
             with torch.no_grad():
                 if norm > 0:

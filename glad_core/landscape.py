@@ -36,9 +36,11 @@ from matplotlib.figure import Figure
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .data import Datum, ImageDataset, Splits
-from .lora import load_lora, lora_disabled, lora_layers
+from .gradreg import dot
+from .lora import lora_layers
+from .methods import Method, build, load_trained
 from .protocols import Cell, run_cell
-from .train import GladModel, TrainConfig, resolve_device, tuning_loss
+from .train import Step, TrainConfig, resolve_device
 
 Loss = Callable[[], torch.Tensor]
 Vector = list[torch.Tensor]  # one tensor per parameter: a point or direction in θ-space
@@ -51,58 +53,47 @@ Vector = list[torch.Tensor]  # one tensor per parameter: a point or direction in
 class FixedBatchLoss:
     """L(θ) = Σ_b (n_b / N) ℓ_b(θ), the training objective over fixed batches, in eval mode.
 
+    ℓ_b is the method's own loss on batch b, through the training step's forward (`glad_core.train.Step`).
     The zero-shot distributions of the KL term do not depend on θ and are computed once. Everything
     runs in the model's own dtype (no autocast, unlike bf16 training on CUDA), and attention on
     PyTorch's math kernel, which is twice differentiable (the fused CPU / CUDA kernels are not).
     """
 
-    def __init__(self, model: GladModel, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                 classnames: Sequence[str], templates: Sequence[str], kl_weight: float | None = None):
-        if any(m.merged for m in lora_layers(model.clip)):
-            raise ValueError("unmerge_lora(model.clip) first: merged adapters do not depend on their parameters.")
-        self.model, self.classnames, self.templates = model, list(classnames), list(templates)
-        self.kl_weight = model.cfg.kl_weight if kl_weight is None else kl_weight
-        self.text_tuned = model.cfg.spec.lora and "text" in model.cfg.lora_towers
-        ref = model.clip.logit_scale
+    def __init__(self, method: Method, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                 classnames: Sequence[str], templates: Sequence[str]):
+        if any(m.merged for m in lora_layers(method.clip)):
+            raise ValueError("unmerge_lora(method.clip) first: merged adapters do not depend on their parameters.")
+        self.method = method
+        ref = method.clip.logit_scale
         self.batches = [(x.to(ref.device, ref.dtype), y.to(ref.device)) for x, y in batches]
         self.n = sum(len(y) for _, y in self.batches)
-        model.eval()
-        self.log_p_zs: list[torch.Tensor | None] = [None] * len(self.batches)
-        if self.kl_weight > 0:
-            with torch.no_grad(), lora_disabled(model.clip), sdpa_kernel(SDPBackend.MATH):
-                text = model.text_features(self.classnames, self.templates)
-                self.log_p_zs = [F.log_softmax(model.logits(self._image_features(x), text, adapted=False), dim=-1)
-                                 for x, _ in self.batches]
-
-    def _image_features(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model.clip.encode_image(images), dim=-1)
+        method.eval()
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            self.step = Step(method, classnames, templates, precision="fp32")
+            self.log_p_zs = [self.step.zero_shot_log_probs(x) if method.cfg.kl_weight > 0 else None
+                             for x, _ in self.batches]
 
     def terms(self) -> Iterator[torch.Tensor]:
         """The summands (n_b / N) ℓ_b(θ), one batch at a time."""
-        self.model.eval()
-        fixed_text = None
-        if not self.text_tuned:
-            with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-                fixed_text = self.model.text_features(self.classnames, self.templates)
+        self.method.eval()
         for (images, labels), log_p_zs in zip(self.batches, self.log_p_zs):
             with sdpa_kernel(SDPBackend.MATH):
-                text = self.model.text_features(self.classnames, self.templates) if self.text_tuned else fixed_text
-                logits = self.model.logits(self._image_features(images), text)
-                term = len(labels) / self.n * tuning_loss(logits, labels, log_p_zs, self.kl_weight)
+                logits, text = self.step.forward(images)
+                term = len(labels) / self.n * self.method.loss(logits, labels, log_p_zs, text)
             yield term
 
     def __call__(self) -> torch.Tensor:
         return sum(self.terms())
 
 
-def loss_fn(model: GladModel, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], classnames: Sequence[str],
-            templates: Sequence[str], kl_weight: float | None = None) -> FixedBatchLoss:
-    """The training loss of `model` (CE + λ KL, λ = its config's unless given) over fixed batches.
+def loss_fn(method: Method, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], classnames: Sequence[str],
+            templates: Sequence[str]) -> FixedBatchLoss:
+    """The training loss of `method` (its own `loss`, e.g. CE + λ KL) over fixed batches.
 
     `batches` are (images, labels) tensors already transformed (eval transform, no augmentation).
     The model is put in eval mode (no dropout), so every evaluation gives the same value.
     """
-    return FixedBatchLoss(model, batches, classnames, templates, kl_weight)
+    return FixedBatchLoss(method, batches, classnames, templates)
 
 
 def fixed_batches(items: Sequence[Datum], transform: Callable, batch_size: int = 64,
@@ -151,13 +142,8 @@ def hvp(loss: Loss, params: Sequence[torch.Tensor], v: Vector) -> Vector:
     return out
 
 
-def dot(a: Vector, b: Vector) -> float:
-    """⟨a, b⟩ over all tensors together, in float64."""
-    return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b)))
-
-
 def norm(a: Vector) -> float:
-    return dot(a, a) ** 0.5
+    return float(dot(a, a)) ** 0.5
 
 
 class _Moved:
@@ -280,7 +266,7 @@ def _power_iteration(loss: Loss, params: Sequence[torch.Tensor], v: Vector, shif
     lam, hv_norm = float("nan"), float("nan")
     for _ in range(iters):
         hv = [h + shift * x for h, x in zip(hvp(loss, params, v), v)]
-        lam, hv_norm = dot(v, hv) - shift, norm(hv)
+        lam, hv_norm = float(dot(v, hv)) - shift, norm(hv)
         if norm([h - (lam + shift) * x for h, x in zip(hv, v)]) <= tol * abs(lam):
             return lam, v, hv_norm, True
         v = [h / hv_norm for h in hv]
@@ -348,19 +334,19 @@ def tuned_records(cells: Sequence[Cell], progress: bool = True) -> list[dict]:
     return records
 
 
-def load_tuned(record: dict, device: str | None = None) -> tuple[GladModel, Callable]:
-    """The tuned model of a `run_cell` record (backbone, LoRA / AlignNet as configured, its adapter
+def load_tuned(record: dict, device: str | None = None) -> tuple[Method, Callable]:
+    """The tuned method of a `run_cell` record (backbone, method as configured, its trained state
     loaded) in eval mode, and the backbone's eval transform."""
     from .models import load_backbone
 
     p = record["params"]
-    cfg = TrainConfig(**{k: (tuple(p[k]) if isinstance(p[k], list) else p[k]) for k in TrainConfig.keys()})
+    cfg = TrainConfig.from_params(p)
     dev = resolve_device(device or cfg.device)
     clip, preprocess, tokenizer = load_backbone(p["backbone"], p["pretrained"], device=dev)
-    model = GladModel(clip, tokenizer, cfg).to(dev)
+    method = build(clip, tokenizer, cfg).to(dev)
     if record["adapter"] is not None:
-        load_lora(model, record["adapter"])
-    return model.eval(), preprocess
+        load_trained(method, record["adapter"])
+    return method.eval(), preprocess
 
 
 def training_split(record: dict) -> Splits:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
@@ -259,37 +258,3 @@ def lora_disabled(model: nn.Module) -> Iterator[None]:
             m.enabled = True
             if was_merged:
                 m.merge()
-
-
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trained tensors only: LoRA A / B and, when present, the AlignNet (`alignnet.` prefix)."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-            if "lora_A" in k or "lora_B" in k or k.startswith("alignnet.")}
-
-
-def save_lora(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write the adapter tensors to a safetensors file atomically (temp file, then rename)."""
-    from safetensors.torch import save_file
-
-    from .io import atomic_path
-
-    if any(m.merged for m in lora_layers(model)):
-        raise RuntimeError("unmerge_lora(model) before saving: merged weights hide the adapters.")
-    with atomic_path(path) as tmp:
-        save_file(adapter_state_dict(model), str(tmp), metadata=metadata)
-    return Path(path)
-
-
-def load_lora(model: nn.Module, path: str | Path) -> None:
-    """Load adapter tensors saved by `save_lora` into a model already prepared with `apply_lora`."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    expected = adapter_state_dict(model)
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    reshaped = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
-    if missing or unexpected or reshaped:
-        raise ValueError(f"adapter file {path} does not match the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}, other shape {reshaped[:5]}. Apply LoRA with "
-                         "the same rank / targets / towers (and AlignNet) as at training time.")
-    model.load_state_dict(tensors, strict=False)

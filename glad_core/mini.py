@@ -12,15 +12,13 @@ between an image feature and a normalised classifier row ranks classes like Effi
 (up to the bias and the row norms), so the zero-shot ImageNet classifier of glad-mini approximates
 EfficientNet itself, and new class names are placed through MiniLM's text space.
 
-`python -m glad_core.mini` builds it (about a minute on two CPU cores, offline) and prints a sanity check.
+`python -m glad_core prepare` builds it (about a minute on two CPU cores, offline).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -32,6 +30,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .encode import prompts
+from .io import atomic_path
 from .paths import cache_dir
 
 NAME = "glad-mini"
@@ -102,12 +102,6 @@ def model_config() -> dict:
     }
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def register(out_dir: str | Path | None = None) -> Path:
     """Write `glad-mini.json` (if changed) and register it with open_clip; returns the JSON path."""
     out = Path(out_dir) if out_dir else default_dir()
@@ -115,7 +109,8 @@ def register(out_dir: str | Path | None = None) -> Path:
     path, cfg = out / f"{NAME}.json", model_config()
     text = json.dumps(cfg, indent=2)
     if not path.is_file() or path.read_text() != text:
-        _write_atomic(path, text.encode())
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
     if open_clip.get_model_config(NAME) != cfg:
         open_clip.add_model_config(path)
     return path
@@ -135,9 +130,9 @@ def efficientnet_lite0_weights() -> tuple[dict[str, torch.Tensor], torch.Tensor,
     return sd, sd.pop("classifier.weight"), sd.pop("classifier.bias")
 
 
-def prompts(classnames: Sequence[str], templates: Sequence = TEMPLATES) -> list[str]:
-    """Class-major prompts: all templates of class 0, then of class 1, ..."""
-    return [t(c) if callable(t) else t.format(c) for c in classnames for t in templates]
+def class_major_prompts(classnames: Sequence[str]) -> list[str]:
+    """The fit's prompts, class-major: every template of class 0, then of class 1, ... (`encode.prompts` per class)."""
+    return [p for c in classnames for p in prompts([c], TEMPLATES)]
 
 
 @torch.no_grad()
@@ -192,7 +187,7 @@ def build_glad_mini(out_dir: str | Path | None = None, force: bool = False) -> P
     log.info("towers loaded in %.1fs", time.perf_counter() - t0)
 
     t0 = time.perf_counter()
-    X = pooled_text_features(model, open_clip.get_tokenizer(NAME), prompts(open_clip.IMAGENET_CLASSNAMES))
+    X = pooled_text_features(model, open_clip.get_tokenizer(NAME), class_major_prompts(open_clip.IMAGENET_CLASSNAMES))
     log.info("%d prompts embedded in %.1fs", len(X), time.perf_counter() - t0)
     Y = F.normalize(head_w, dim=1).repeat_interleave(len(TEMPLATES), dim=0)
     with torch.no_grad():
@@ -200,37 +195,6 @@ def build_glad_mini(out_dir: str | Path | None = None, force: bool = False) -> P
         model.logit_scale.fill_(math.log(LOGIT_SCALE))
 
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    tmp = ckpt.with_name(f".{ckpt.name}.{os.getpid()}.tmp")
-    save_file(state, str(tmp), metadata=_BUILD_META)
-    os.replace(tmp, ckpt)
+    with atomic_path(ckpt) as tmp:
+        save_file(state, str(tmp), metadata=_BUILD_META)
     return ckpt
-
-
-@torch.no_grad()
-def main() -> None:
-    """Build glad-mini, load it through `load_backbone` and print timings and a sanity check."""
-    from .models import load_backbone
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build exists")
-    args = parser.parse_args()
-    logging.basicConfig(format="%(message)s")
-    log.setLevel(logging.INFO)
-
-    t0 = time.perf_counter()
-    ckpt = build_glad_mini(force=args.force)
-    print(f"build: {time.perf_counter() - t0:.1f}s -> {ckpt}")
-    t0 = time.perf_counter()
-    model, _, tokenizer = load_backbone(NAME)
-    print(f"load: {time.perf_counter() - t0:.1f}s, logit scale {model.logit_scale.exp().item():.1f}")
-
-    _, head_w, _ = efficientnet_lite0_weights()
-    text = model.encode_text(tokenizer(prompts(open_clip.IMAGENET_CLASSNAMES, ["a photo of a {}."])), normalize=True)
-    top1 = (text @ F.normalize(head_w, dim=1).T).argmax(1).eq(torch.arange(1000)).float().mean()
-    print(f"'a photo of a {{c}}.' -> its EfficientNet classifier row, top-1 over 1000 ImageNet classes: {top1:.3f}")
-    image = model.encode_image(torch.zeros(1, 3, 224, 224), normalize=True)
-    print(f"image feature: dim {image.shape[1]}, norm {image.norm().item():.3f}")
-
-
-if __name__ == "__main__":
-    main()

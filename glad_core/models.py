@@ -24,7 +24,8 @@ def _weights_dir() -> str:
     return str(cache_dir() / "open_clip")
 
 
-def _check_name(name: str) -> None:
+def check_backbone_name(name: str) -> None:
+    """A ValueError with close names and the fix unless `name` is a backbone `load_backbone` accepts."""
     if name == mini.NAME or name.startswith(("hf-hub:", "local-dir:")) or name in open_clip.list_models():
         return
     names = {n.lower(): n for n in [mini.NAME, *open_clip.list_models()]}
@@ -93,7 +94,7 @@ def load_backbone(
     For glad-mini, None means its own weights, built offline on first use (`glad_core.mini`).
     BatchNorm statistics are frozen and dropout is zeroed (see `_freeze_stochastic_layers`).
     """
-    _check_name(name)
+    check_backbone_name(name)
     kwargs: dict = {"cache_dir": _weights_dir()}
     if name == mini.NAME:
         mini.register()

@@ -6,40 +6,20 @@ Every problem raises `ParamError` naming the key, the value and what is allowed.
 from __future__ import annotations
 
 import difflib
-import math
 import re
-from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import yaml
 
+from .checks import in_range, one_of, str_list
+from .methods import REGISTRY
 from .protocols import PROTOCOLS, Cell
-from .train import METHODS, TrainConfig
+from .train import DEFAULTS, TrainConfig
 
 
 class ParamError(ValueError):
     """A parameter is unknown, of the wrong type or out of range."""
-
-
-def _in(allowed: Iterable[Any]) -> Callable[[Any], str | None]:
-    allowed = list(allowed)
-    return lambda v: None if v in allowed else f"allowed: {allowed}"
-
-
-def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
-    def check(v: float) -> str | None:
-        if isinstance(v, float) and not math.isfinite(v):
-            return "must be finite"
-        bad = ((lo is not None and (v < lo or (lo_open and v == lo)))
-               or (hi is not None and (v > hi or (hi_open and v == hi))))
-        left, right = ("(" if lo_open else "["), (")" if hi_open else "]")
-        return f"must be in {left}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}{right}" if bad else None
-    return check
-
-
-def _str_list(v: Any) -> str | None:
-    return None if isinstance(v, list) and all(isinstance(x, str) for x in v) else "must be a list of strings"
 
 
 def _int_list(v: Any) -> str | None:
@@ -47,45 +27,73 @@ def _int_list(v: Any) -> str | None:
     return None if ok else "must be a non-empty list of integers >= 0"
 
 
+def _types(default: Any) -> tuple[type, ...]:
+    return (list, tuple) if isinstance(default, tuple) else (int, float) if isinstance(default, float) else (type(default),)
+
+
+Entry = tuple[tuple[type, ...], Callable[[Any], "str | None"] | None, str]
+
 # key: (types, check or None, description). Grid keys hold lists; the rest are single values.
-SCHEMA: dict[str, tuple[tuple[type, ...], Callable[[Any], str | None] | None, str]] = {
-    "protocol": ((str,), _in(PROTOCOLS), "evaluation protocol"),
-    "datasets": ((list,), _str_list, "datasets to train on (grid axis); the source for transfer protocols"),
-    "methods": ((list,), lambda v: _str_list(v) or next((f"unknown method {m!r}; allowed: {list(METHODS)}"
-                                                           for m in v if m not in METHODS), None),
+SCHEMA: dict[str, Entry] = {
+    "protocol": ((str,), one_of(PROTOCOLS), "evaluation protocol"),
+    "datasets": ((list,), str_list, "datasets to train on (grid axis); the source for transfer protocols"),
+    "methods": ((list,), lambda v: str_list(v) or next((f"unknown method {m!r}; allowed: {list(REGISTRY)}"
+                                                         for m in v if m not in REGISTRY), None),
                 "methods (grid axis)"),
     "seeds": ((list,), _int_list, "seeds (grid axis)"),
-    "targets": ((list,), _str_list, "datasets the source model is evaluated on (transfer protocols)"),
-    "shots": ((int,), _range(1), "training images per class"),
-    "backbone": ((str,), None, "open_clip model name, or glad-mini"),
+    "targets": ((list,), str_list, "datasets the source model is evaluated on (transfer protocols)"),
+    "shots": ((int,), in_range(1), "training images per class"),
+    "backbone": ((str,), None, "open_clip model name, 'hf-hub:' / 'local-dir:' id, or glad-mini"),
     "pretrained": ((str, type(None)), None, "open_clip pretrained tag or local checkpoint path; null = random init"),
     "data_root": ((str, type(None)), None, "folder holding the datasets in CoOp's layout (demo sets need none)"),
     "results_dir": ((str,), None, "where records and adapters are written"),
 }
-_TRAIN_CHECKS: dict[str, Callable[[Any], str | None]] = {
-    "epochs": _range(1), "batch_size": _range(1), "lr": _range(0, lo_open=True), "weight_decay": _range(0),
-    "rank": _range(1), "lora_scale": _range(), "lora_dropout": _range(0, 1, hi_open=True),
-    "kl_weight": _range(0), "rho": _range(0), "alpha": _range(0, 1), "delta": _range(0),
-    "aug_scale_min": _range(0, 1, lo_open=True), "seed": _range(0), "num_workers": _range(0),
-    "eval_batch_size": _range(1), "precision": _in(("auto", "fp32", "bf16")),
-    "lora_towers": lambda v: (None if v and all(isinstance(t, str) for t in v) and set(v) <= {"image", "text"}
-                              else "allowed: subsets of ['image', 'text']"),
-    "alignnet_hidden": lambda v: (None if v and all(type(h) is int and h > 0 for h in v)  # bools are not sizes
-                                  else "must be positive ints"),
+_SHARED_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "epochs": in_range(1), "batch_size": in_range(1), "lr": in_range(0, lo_open=True), "weight_decay": in_range(0),
+    "kl_weight": in_range(0), "rho": in_range(0), "alpha": in_range(0, 1), "delta": in_range(0),
+    "aug_scale_min": in_range(0, 1, lo_open=True), "num_workers": in_range(0),
+    "eval_batch_size": in_range(1), "precision": one_of(("auto", "fp32", "bf16")),
     "device": lambda v: (None if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v)
                          else "allowed: 'auto', 'cpu', 'cuda', 'cuda:<index>', 'mps'"),
 }
-for f in fields(TrainConfig):
-    if f.name not in ("method", "seed"):
-        default = f.default
-        types = (list, tuple) if isinstance(default, tuple) else (int, float) if isinstance(default, float) else (type(default),)
-        SCHEMA[f.name] = (types, _TRAIN_CHECKS.get(f.name), f"training parameter (default {default!r})")
+#: Shared training knobs: null (the default) = each method's own default (glad_core.methods), else DEFAULTS.
+SHARED_KEYS = tuple(DEFAULTS)
+for key, default in DEFAULTS.items():
+    SCHEMA[key] = ((*_types(default), type(None)), _SHARED_CHECKS.get(key),
+                   f"training parameter (null: the method's default, else {default!r})")
+#: The methods' own hyper-parameters (a flat key applies to every method of the grid declaring it).
+METHOD_KEYS: dict[str, list[str]] = {}
+for info in REGISTRY.values():
+    for key, h in info.hparams.items():
+        METHOD_KEYS.setdefault(key, []).append(info.name)
+        SCHEMA.setdefault(key, ((*_types(h.default), type(None)), h.check, f"{h.doc} (default {h.default!r})"))
+SCHEMA["method_settings"] = ((dict, type(None)), None, "settings of single methods, over the flat keys: "
+                             "{method: {key: value}}, e.g. {coop: {lr: 0.002}}")
 
 GRID_KEYS = ("datasets", "methods", "seeds")
 
 
 def _fail(key: str, value: Any, why: str) -> ParamError:
     return ParamError(f"parameter {key!r} = {value!r} is invalid: {why}")
+
+
+def _checked(key: str, value: Any, entry: Entry | None = None) -> Any:
+    """`value` of `key` after its type and range checks (YAML's string floats converted)."""
+    types, check, _ = entry or SCHEMA[key]
+    if float in types and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, types):
+        if not (value is None and type(None) in types):
+            names = "/".join("null" if t is type(None) else t.__name__ for t in types)
+            raise _fail(key, value, f"expected {names}")
+    if check is not None and value is not None:
+        why = check(value)
+        if why:
+            raise _fail(key, value, why)
+    return value
 
 
 def validate(params: dict[str, Any]) -> dict[str, Any]:
@@ -98,21 +106,22 @@ def validate(params: dict[str, Any]) -> dict[str, Any]:
             hint = f" Did you mean {near[0]!r}?" if near else ""
             raise ParamError(f"unknown parameter {key!r} (= {params[key]!r}).{hint} Allowed: {sorted(SCHEMA)}")
     out = {**defaults(), **params}
-    for key, value in out.items():
-        types, check, _ = SCHEMA[key]
-        if float in types and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
-            try:
-                out[key] = value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, types):
-            if not (value is None and type(None) in types):
-                names = "/".join("null" if t is type(None) else t.__name__ for t in types)
-                raise _fail(key, value, f"expected {names}")
-        if check is not None and value is not None:
-            why = check(value)
-            if why:
-                raise _fail(key, value, why)
+    for key, value in list(out.items()):
+        out[key] = _checked(key, value)
+    settings = out["method_settings"] or {}
+    for name, section in settings.items():
+        if name not in REGISTRY:
+            raise _fail("method_settings", name, f"unknown method; allowed: {list(REGISTRY)}")
+        if not isinstance(section, dict):
+            raise _fail(f"method_settings.{name}", section, "expected a mapping of key: value")
+        allowed = set(SHARED_KEYS) | set(REGISTRY[name].hparams)
+        for key, value in section.items():
+            if key not in allowed:
+                raise _fail(f"method_settings.{name}.{key}", value,
+                            f"not a setting of method {name!r}; allowed: {sorted(allowed)}")
+        settings[name] = {key: _checked(f"method_settings.{name}.{key}", value, SCHEMA[key])
+                          for key, value in section.items()}
+    out["method_settings"] = settings or None
     if out["protocol"] != "base_to_novel" and not out["targets"]:
         raise _fail("targets", out["targets"], f"protocol {out['protocol']} needs at least one target dataset")
     known = _dataset_names()
@@ -127,11 +136,11 @@ def validate(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def defaults() -> dict[str, Any]:
-    cfg = TrainConfig()
-    train = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items() if k not in ("method", "seed")}
+    """Every key: the grid's defaults; null for training keys (each method's own default applies)."""
     return {"protocol": "base_to_novel", "datasets": [], "methods": ["glad"], "seeds": [1], "targets": [],
             "shots": 16, "backbone": "glad-mini", "pretrained": None, "data_root": None, "results_dir": "results",
-            **train}
+            "method_settings": None,
+            **{k: None for k in (*SHARED_KEYS, *METHOD_KEYS)}}
 
 
 def _dataset_names() -> set[str]:
@@ -140,12 +149,11 @@ def _dataset_names() -> set[str]:
 
 
 def _check_backbone(name: str) -> None:
-    import open_clip
-    allowed = set(open_clip.list_models()) | {"glad-mini"}
-    if name not in allowed:
-        near = difflib.get_close_matches(name, allowed, n=3)
-        raise _fail("backbone", name, f"unknown model; close names: {near}; see open_clip.list_models() "
-                                      "(or use glad-mini)")
+    from .models import check_backbone_name
+    try:
+        check_backbone_name(name)
+    except ValueError as e:
+        raise _fail("backbone", name, str(e)) from None
 
 
 def load(source: str | Path | dict[str, Any], **overrides: Any) -> dict[str, Any]:
@@ -168,9 +176,36 @@ def load(source: str | Path | dict[str, Any], **overrides: Any) -> dict[str, Any
 def cells(params: dict[str, Any]) -> list[Cell]:
     """The grid datasets x methods x seeds as cells, in that order."""
     p = validate(params)
-    train_keys = {f.name for f in fields(TrainConfig)} - {"method", "seed"}
-    train = {k: (tuple(v) if isinstance(v, list) else v) for k, v in p.items() if k in train_keys}
     return [Cell(protocol=p["protocol"], dataset=d, shots=p["shots"], backbone=p["backbone"],
                  pretrained=p["pretrained"], targets=list(p["targets"]), data_root=p["data_root"],
-                 results_dir=p["results_dir"], train=TrainConfig(method=m, seed=s, **train))
+                 results_dir=p["results_dir"], train=train_config(p, m, s))
             for d in p["datasets"] for m in p["methods"] for s in p["seeds"]]
+
+
+def train_config(p: dict[str, Any], method: str, seed: int) -> TrainConfig:
+    """The config of `method` in validated parameters `p`: flat keys, then its own section over them."""
+    flat = {k: v for k, v in p.items() if k in SHARED_KEYS or k in REGISTRY[method].hparams}
+    merged = {k: v for k, v in {**flat, **(p["method_settings"] or {}).get(method, {})}.items() if v is not None}
+    try:
+        return TrainConfig.from_params(merged, method=method, seed=seed)
+    except ValueError as e:
+        raise ParamError(str(e)) from None
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--key value` pairs; values are YAML (numbers, null, [lists]); list keys also take `a,b,c`."""
+    out: dict[str, Any] = {}
+    it = iter(pairs)
+    for flag in it:
+        if not flag.startswith("--"):
+            raise ParamError(f"expected --name value, got {flag!r}")
+        key = flag[2:].replace("-", "_")
+        try:
+            raw = next(it)
+        except StopIteration:
+            raise ParamError(f"parameter {key!r} has no value") from None
+        value = yaml.safe_load(raw)
+        if key in SCHEMA and list in SCHEMA[key][0] and not isinstance(value, list):
+            value = [yaml.safe_load(x) for x in str(raw).split(",") if x.strip()]
+        out[key] = value
+    return out

@@ -28,9 +28,9 @@ import torch
 from . import __version__
 from .data import Splits
 from .io import write_json
-from .lora import load_lora, save_lora
+from .methods import build, load_trained, save_trained
 from .results import harmonic_mean
-from .train import GladModel, TrainConfig, evaluate, resolve_device, set_seed, train
+from .train import TrainConfig, evaluate, resolve_device, set_seed
 
 PROTOCOLS = ("base_to_novel", "cross_dataset", "domain_generalization")
 PAPER_TARGETS = {
@@ -131,21 +131,21 @@ def run_cell(cell: Cell, progress: bool = True, overwrite: bool = False) -> dict
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
     clip, preprocess, tokenizer = load_backbone(cell.backbone, cell.pretrained, device=device)
-    model = GladModel(clip, tokenizer, cfg).to(device)
+    method = build(clip, tokenizer, cfg).to(device)
 
     source = fewshot(_load(cell.dataset, cell), cell.shots, cfg.seed)
     train_split = subsample_classes(source, "base") if cell.protocol == "base_to_novel" else source
     adapter = cell.adapter_path()
     checkpoint = adapter.with_suffix(".ckpt")
-    reused = cell.protocol != "base_to_novel" and bool(model.trainable()) and adapter.exists()
+    reused = cell.protocol != "base_to_novel" and bool(method.trainable()) and adapter.exists()
     if reused:
-        load_lora(model, adapter)
+        load_trained(method, adapter)
         history = None
-    elif model.trainable():
+    elif method.trainable():
         adapter.parent.mkdir(parents=True, exist_ok=True)
-        history = train(model, train_split.train, train_split.classnames, train_split.templates,
-                        checkpoint=checkpoint, progress=progress)
-        save_lora(model, adapter, metadata={"method": cfg.method, "backbone": cell.backbone})
+        history = method.fit(train_split.train, train_split.classnames, train_split.templates,
+                            checkpoint=checkpoint, progress=progress)
+        save_trained(method, adapter, metadata={"backbone": cell.backbone})
         checkpoint.unlink(missing_ok=True)
     else:
         history = None
@@ -159,7 +159,7 @@ def run_cell(cell: Cell, progress: bool = True, overwrite: bool = False) -> dict
     else:
         evals = {cell.dataset: source, **{t: _load(t, cell) for t in cell.targets}}
     for key, split in evals.items():
-        r = evaluate(model, split.test, split.classnames, split.templates, preprocess, progress=progress,
+        r = evaluate(method, split.test, split.classnames, split.templates, preprocess, progress=progress,
                      desc=f"eval {key}")
         metrics[key], per_class[key], sizes[key] = r["acc"], r["per_class"], r["n"]
     if cell.protocol == "base_to_novel":
@@ -181,7 +181,7 @@ def run_cell(cell: Cell, progress: bool = True, overwrite: bool = False) -> dict
                     "total_s": time.perf_counter() - t_start},
         **environment(),
         "device_type": device.type,
-        "adapter": str(adapter) if model.trainable() else None,
+        "adapter": str(adapter) if method.trainable() else None,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_json(path, record)

@@ -24,10 +24,10 @@ from .protocols import PAPER_TARGETS, Cell, run_cell
 from .published import DATASETS as PAPER_DATASETS
 from .published import published
 from .results import CELL_KEYS, collect, harmonic_mean, summarize
-from .train import ABLATION_ROWS, METHODS
+from .methods import REGISTRY, ablation_rows
+from .models import PAPER_BACKBONE
 
-PUBLISHED_METHOD = {"zeroshot": "clip", "lora": "clip_lora"}  # our method -> published baseline
-PAPER_BACKBONE, PAPER_SHOTS, PAPER_SOURCE = "ViT-B-16", 16, "imagenet"
+PAPER_SHOTS, PAPER_SOURCE = 16, "imagenet"
 AVERAGE = "average"
 REFERENCE_ROW = "-"  # the zero-shot model in the ablation table
 B2N_SPLITS = ("base", "novel", "hm")
@@ -88,7 +88,7 @@ def figure_path(cells: Sequence[Cell], name: str) -> Path:
 def _published_long(table: str) -> pd.DataFrame:
     """A published table as rows (method in our names, dataset, split, published)."""
     pub = published(table)
-    ours = {v: k for k, v in PUBLISHED_METHOD.items()}
+    ours = {i.published: i.name for i in REGISTRY.values() if i.published}
     pub = pub[pub["method"].isin(ours)].assign(method=lambda d: d["method"].map(ours))
     if table == "base_to_novel":
         return pub.melt(id_vars=["method", "dataset"], value_vars=list(B2N_SPLITS), var_name="split",
@@ -98,15 +98,15 @@ def _published_long(table: str) -> pd.DataFrame:
 
 
 def _ordered(t: pd.DataFrame) -> pd.DataFrame:
-    """Rows by dataset (first appearance, 'average' last), then method in the order of METHODS."""
+    """Rows by dataset (first appearance, 'average' last), then method in the order of the registry."""
     datasets = {d: i for i, d in enumerate(dict.fromkeys(t["dataset"]))}
-    rank = t["dataset"].map(lambda d: len(datasets) if d == AVERAGE else datasets[d]) * len(METHODS) \
-        + t["method"].map(lambda m: list(METHODS).index(m))
+    rank = t["dataset"].map(lambda d: len(datasets) if d == AVERAGE else datasets[d]) * len(REGISTRY) \
+        + t["method"].map(lambda m: list(REGISTRY).index(m))
     return t.iloc[rank.argsort(kind="stable")].reset_index(drop=True)
 
 
 def _paper_setting(t: pd.DataFrame) -> pd.Series:
-    return (t["backbone"] == PAPER_BACKBONE) & (t["shots"] == PAPER_SHOTS)
+    return (t["backbone"] == PAPER_BACKBONE[0]) & (t["shots"] == PAPER_SHOTS)
 
 
 def _with_published(t: pd.DataFrame, pub: pd.DataFrame, on: list[str], comparable: pd.Series) -> pd.DataFrame:
@@ -176,7 +176,7 @@ def ablation_comparison(df: pd.DataFrame) -> pd.DataFrame:
     novel / hm averaged over the datasets that every row of the same backbone and shots ran on
     (`datasets` of them), then over seeds; published value and gap. The published ablation is
     GLAD's own table: not available, so `published` stays empty."""
-    row_of = {"zeroshot": REFERENCE_ROW, **{m: r for r, m in ABLATION_ROWS.items()}}
+    row_of = {"zeroshot": REFERENCE_ROW, **{m: r for r, m in ablation_rows().items()}}
     df = df[(df["protocol"] == "base_to_novel") & df["method"].isin(row_of)]
     common = [g[g["dataset"].isin(set.intersection(*(set(m["dataset"]) for _, m in g.groupby("method"))))]
               for _, g in df.groupby(["backbone", "shots"], sort=False)]  # datasets every row ran on
@@ -225,7 +225,7 @@ def published_note(t: pd.DataFrame) -> str:
     """How many reproduced numbers have a published counterpart, and the note on GLAD's rows."""
     matched = int(t["published"].notna().sum()) if len(t) else 0
     return (f"{matched} of {len(t)} reproduced numbers have a published counterpart (same datasets, "
-            f"{PAPER_BACKBONE}, {PAPER_SHOTS} shots). {GLAD_NOTE}")
+            f"{PAPER_BACKBONE[0]}, {PAPER_SHOTS} shots). {GLAD_NOTE}")
 
 
 def incomplete(t: pd.DataFrame) -> list[str]:

@@ -1,19 +1,20 @@
-"""Few-shot tuning and evaluation: the methods of the paper's ablation (Table 4) as switches.
+"""Few-shot tuning and evaluation of any method (`glad_core.methods`): one config, one step, one loop.
 
-    loss = CE(tuned logits, y) + λ · KL(p_zero-shot ‖ p_tuned)
+    loss = method.loss(logits, y, log p_zero-shot)     (by default CE + λ · KL(p_zero-shot ‖ p_tuned))
 
-The zero-shot distribution comes from the same model with LoRA (and AlignNet) switched off, on the
-same augmented batch. It is computed once per step under no_grad and reused by both passes of the
-regularized step.
+The zero-shot distribution comes from the same method with every trained part off (`zero_shot()`),
+on the same augmented batch. It is computed once per step under no_grad and reused by both passes of
+the regularized step.
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -21,74 +22,72 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .alignnet import AlignNet
 from .data import Datum, ImageDataset
-from .encode import class_text_features
 from .gradreg import GradRegStep
 from .io import atomic_path
-from .lora import adapter_state_dict, apply_lora, lora_disabled, merge_lora, unmerge_lora
+from .methods import Method
+from .methods.base import check_hparams, method_info
 
 
-@dataclass(frozen=True)
-class Method:
-    """Which parts of GLAD are on: LoRA, AlignNet, and the step (plain, SAM or GradReg)."""
-
-    lora: bool
-    alignnet: bool
-    step: str  # "none" | "sam" | "gradreg"
-
-
-METHODS: dict[str, Method] = {
-    "zeroshot": Method(lora=False, alignnet=False, step="none"),
-    "lora": Method(lora=True, alignnet=False, step="none"),                # Table 4 row (a)
-    "lora+sam": Method(lora=True, alignnet=False, step="sam"),             # (b)
-    "lora+gradreg": Method(lora=True, alignnet=False, step="gradreg"),     # (c)
-    "lora+alignnet": Method(lora=True, alignnet=True, step="none"),        # (d)
-    "glad": Method(lora=True, alignnet=True, step="gradreg"),              # (e)
+# Shared knobs: the value a method gets when neither it (`Method.defaults`) nor the caller sets one.
+DEFAULTS: dict[str, Any] = {
+    "epochs": 20,
+    "batch_size": 32,
+    "lr": 1e-3,
+    "weight_decay": 0.01,
+    "kl_weight": 1.0,         # λ; 0 turns the KL term off
+    "rho": 0.1,
+    "alpha": 0.5,
+    "delta": 1e-12,
+    "aug_scale_min": 0.5,     # RandomResizedCrop scale range (aug_scale_min, 1)
+    "device": "auto",         # "auto" = cuda if available, else cpu
+    "precision": "auto",      # "auto" = bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
+    "num_workers": 0,
+    "eval_batch_size": 64,
 }
-ABLATION_ROWS: dict[str, str] = {"a": "lora", "b": "lora+sam", "c": "lora+gradreg", "d": "lora+alignnet",
-                                 "e": "glad"}
 
 
 @dataclass
 class TrainConfig:
-    """Every knob of a run. Paper values where the paper gives them; see params/ for the rest."""
+    """Every knob of a run: the shared ones (None = the method's default, else `DEFAULTS`) and the
+    method's own hyper-parameters (`hparams`, declared in its file; defaults filled in)."""
 
     method: str = "glad"
-    epochs: int = 20
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    rank: int = 8
-    lora_scale: float = 0.25         # γ in eq. 4
-    lora_dropout: float = 0.25
-    lora_towers: tuple[str, ...] = ("image", "text")
-    alignnet_hidden: tuple[int, ...] = (256, 128)
-    kl_weight: float = 1.0           # λ; 0 turns the KL term off
-    rho: float = 0.1
-    alpha: float = 0.5
-    delta: float = 1e-12
-    aug_scale_min: float = 0.5       # RandomResizedCrop scale range (aug_scale_min, 1)
     seed: int = 1
-    device: str = "auto"             # "auto" = cuda if available, else cpu
-    precision: str = "auto"          # "auto" = bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
-    num_workers: int = 0
-    eval_batch_size: int = 64
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    kl_weight: float | None = None
+    rho: float | None = None
+    alpha: float | None = None
+    delta: float | None = None
+    aug_scale_min: float | None = None
+    device: str | None = None
+    precision: str | None = None
+    num_workers: int | None = None
+    eval_batch_size: int | None = None
+    hparams: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; allowed: {list(METHODS)}")
-
-    @property
-    def spec(self) -> Method:
-        return METHODS[self.method]
+        info = method_info(self.method)
+        for key, default in DEFAULTS.items():
+            if getattr(self, key) is None:
+                setattr(self, key, info.defaults.get(key, default))
+        self.hparams = check_hparams(self.method, self.hparams)
 
     @classmethod
-    def keys(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
+    def from_params(cls, params: dict[str, Any], **fixed: Any) -> "TrainConfig":
+        """From a flat mapping (a record's or parameter file's): shared keys, and the keys the method declares."""
+        p = {**params, **fixed}
+        own = method_info(p["method"]).hparams
+        return cls(**{k: p[k] for k in ("method", "seed", *DEFAULTS) if p.get(k) is not None},
+                   hparams={k: (tuple(p[k]) if isinstance(p[k], list) else p[k]) for k in own if k in p})
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        """Flat: method, seed, the shared knobs, then the method's own hyper-parameters."""
+        out = asdict(self)
+        return {**{k: v for k, v in out.items() if k != "hparams"}, **out["hparams"]}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -111,54 +110,12 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
-class GladModel(nn.Module):
-    """An open_clip model with LoRA (optional) and AlignNet (optional): the scorer of every method."""
-
-    def __init__(self, clip: nn.Module, tokenizer: Callable, cfg: TrainConfig):
-        super().__init__()
-        self.clip, self.tokenizer, self.cfg = clip, tokenizer, cfg
-        spec = cfg.spec
-        self.lora_params = (apply_lora(clip, rank=cfg.rank, scale=cfg.lora_scale, dropout=cfg.lora_dropout,
-                                       towers=cfg.lora_towers) if spec.lora else [])
-        if not spec.lora:
-            clip.requires_grad_(False)
-        with torch.no_grad():
-            dim = clip.encode_text(tokenizer(["a"])).shape[-1]
-        self.alignnet = AlignNet(dim, tuple(cfg.alignnet_hidden)) if spec.alignnet else None
-
-    def trainable(self) -> list[nn.Parameter]:
-        return list(self.lora_params) + (list(self.alignnet.parameters()) if self.alignnet is not None else [])
-
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        return self.clip.logit_scale.exp()
-
-    def text_features(self, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-        return class_text_features(self.clip, self.tokenizer, classnames, templates, self.logit_scale.device)
-
-    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor, adapted: bool = True) -> torch.Tensor:
-        """[B, C] logits from normalised features; `adapted=False` skips AlignNet (zero-shot scorer)."""
-        if adapted and self.alignnet is not None:
-            return self.alignnet.logits(image_features, text_features, self.logit_scale)
-        return self.logit_scale * image_features @ text_features.t()
-
-
 def train_transform(clip: nn.Module, scale_min: float = 0.5) -> Callable:
     """open_clip's training transform for this model (random resized crop, its mean / std)."""
     from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
 
     cfg = PreprocessCfg(**clip.visual.preprocess_cfg)
     return image_transform_v2(cfg, is_train=True, aug_cfg=AugmentationCfg(scale=(scale_min, 1.0)))
-
-
-def tuning_loss(logits: torch.Tensor, labels: torch.Tensor, log_p_zs: torch.Tensor | None,
-                kl_weight: float) -> torch.Tensor:
-    """CE(logits, y) + λ · KL(p_zs ‖ softmax(logits)), λ = `kl_weight`: the loss of section 3 per batch."""
-    loss = F.cross_entropy(logits, labels)
-    if kl_weight > 0:
-        loss = loss + kl_weight * F.kl_div(F.log_softmax(logits, dim=-1), log_p_zs, log_target=True,
-                                           reduction="batchmean")
-    return loss
 
 
 @dataclass
@@ -168,34 +125,102 @@ class TrainResult:
     steps: int = 0
 
 
-def train(model: GladModel, items: Sequence[Datum], classnames: Sequence[str], templates: Sequence[str],
+class Step:
+    """One training step of a method on a batch: the zero-shot target, then its loss under its stepper.
+
+        log p_zs = log softmax(zero-shot logits)        (no_grad, every trained part off; when λ > 0)
+        loss     = method.loss(method.logits(f_i, t), y, log p_zs)
+        θ        ← GradRegStep(mode = method.step)       (plain, SAM or GradReg, Algorithm 1)
+
+    Class embeddings that do not depend on trained parameters, and the zero-shot ones, are computed
+    once per class set. `train`, the loss landscape and the benchmarks all step through this class.
+    """
+
+    def __init__(self, method: Method, classnames: Sequence[str], templates: Sequence[str],
+                 optimizer: torch.optim.Optimizer | None = None, precision: str | None = None):
+        self.method, self.cfg = method, method.cfg
+        self.classnames, self.templates = list(classnames), list(templates)
+        self.device = method.logit_scale.device
+        self.precision = precision or self.cfg.precision
+        self.optimizer = optimizer
+        with torch.no_grad(), method.zero_shot(), self.autocast():
+            self.zs_text = method.class_features(self.classnames, self.templates).float()
+        self.fixed_text = None
+        if not method.text_trained and not method.per_image:
+            with torch.no_grad(), self.autocast():
+                self.fixed_text = method.class_features(self.classnames, self.templates).float()
+
+    @functools.cached_property
+    def stepper(self) -> GradRegStep:
+        """The method's step rule around its optimizer (built on first use)."""
+        params = self.method.trainable()
+        return GradRegStep(params, self.optimizer or self.method.optimizer(params), mode=self.method.step,
+                           rho=self.cfg.rho, alpha=self.cfg.alpha, delta=self.cfg.delta)
+
+    def autocast(self):
+        return autocast(self.device, self.precision)
+
+    @torch.no_grad()
+    def zero_shot_log_probs(self, images: torch.Tensor) -> torch.Tensor:
+        """log p of the zero-shot model on `images`."""
+        with self.method.zero_shot(), self.autocast():
+            return F.log_softmax(self.method.logits(self.method.encode_image(images), self.zs_text), dim=-1)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, C] of the method being trained, and the class embeddings they used."""
+        m = self.method
+        if m.per_image:
+            f_i = m.encode_image(images)
+            text = m.class_features(self.classnames, self.templates, f_i).float()
+        else:  # text first, then image: the order of their dropout draws
+            text = self.fixed_text if self.fixed_text is not None else m.class_features(
+                self.classnames, self.templates).float()
+            f_i = m.encode_image(images)
+        return m.logits(f_i, text), text
+
+    def closure(self, images: torch.Tensor, labels: torch.Tensor, log_p_zs: torch.Tensor | None,
+                first_logits: list[torch.Tensor] | None = None) -> Callable[[], torch.Tensor]:
+        """The loss at the current parameters, as `GradRegStep.step` calls it (once or twice per step)."""
+        def closure() -> torch.Tensor:
+            with self.autocast():
+                logits, text = self.forward(images)
+                loss = self.method.loss(logits, labels, log_p_zs, text)
+            if first_logits is not None and not first_logits:
+                first_logits.append(logits.detach())
+            return loss
+        return closure
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor,
+                 first_logits: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """One step on (images, labels); returns the loss at θ (logits at θ go into `first_logits`)."""
+        log_p_zs = self.zero_shot_log_probs(images) if self.cfg.kl_weight > 0 else None
+        return self.stepper.step(self.closure(images, labels, log_p_zs, first_logits))
+
+
+def train(method: Method, items: Sequence[Datum], classnames: Sequence[str], templates: Sequence[str],
           checkpoint: str | Path | None = None, progress: bool = True) -> TrainResult:
-    """Tune `model` on `items` with its config; resumes from `checkpoint` (saved every epoch) if present."""
-    cfg, spec = model.cfg, model.cfg.spec
+    """Tune `method` on `items` with its config; resumes from `checkpoint` (saved every epoch) if present."""
+    cfg = method.cfg
     device = resolve_device(cfg.device)
-    model.to(device)
-    params = model.trainable()
+    method.to(device)
+    params = method.trainable()
     if not params:
         return TrainResult()
-    loader_set = ImageDataset(items, train_transform(model.clip, cfg.aug_scale_min))
+    loader_set = ImageDataset(items, train_transform(method.clip, cfg.aug_scale_min))
     steps_per_epoch = math.ceil(len(loader_set) / cfg.batch_size)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
-    stepper = GradRegStep(params, optimizer, mode=spec.step, rho=cfg.rho, alpha=cfg.alpha, delta=cfg.delta)
+    optimizer = method.optimizer(params)
+    scheduler = method.scheduler(optimizer, cfg.epochs * steps_per_epoch)
     result, start_epoch = TrainResult(), 0
     if checkpoint is not None and Path(checkpoint).exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
-        model.load_state_dict(state["adapter"], strict=False)
+        method.load_state_dict(state["trained"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         result = TrainResult(**state["result"])
         start_epoch = state["epoch"] + 1
+    step = Step(method, classnames, templates, optimizer)
 
-    with torch.no_grad(), lora_disabled(model.clip), autocast(device, cfg.precision):
-        zs_text = model.text_features(classnames, templates).float()
-    text_tuned = "text" in cfg.lora_towers and spec.lora  # else the text features are zs_text, every step
-
-    model.train()
+    method.train()
     t0 = time.perf_counter() - result.seconds
     bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
                desc=f"train {cfg.method}", disable=not progress, leave=False)
@@ -207,25 +232,8 @@ def train(model: GladModel, items: Sequence[Datum], classnames: Sequence[str], t
         loss_sum, correct, seen = 0.0, 0, 0
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
-            log_p_zs = None
-            with torch.no_grad(), autocast(device, cfg.precision):
-                if cfg.kl_weight > 0:
-                    with lora_disabled(model.clip):
-                        f_zs = F.normalize(model.clip.encode_image(images).float(), dim=-1)
-                    log_p_zs = F.log_softmax(model.logits(f_zs, zs_text, adapted=False), dim=-1)
             first_logits: list[torch.Tensor] = []
-
-            def closure() -> torch.Tensor:
-                with autocast(device, cfg.precision):
-                    t = model.text_features(classnames, templates).float() if text_tuned else zs_text
-                    f_i = F.normalize(model.clip.encode_image(images).float(), dim=-1)
-                    logits = model.logits(f_i, t)
-                    loss = tuning_loss(logits, labels, log_p_zs, cfg.kl_weight)
-                if not first_logits:
-                    first_logits.append(logits.detach())
-                return loss
-
-            loss = stepper.step(closure)
+            loss = step(images, labels, first_logits)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"non-finite loss ({loss.item()}) at epoch {epoch + 1} of {cfg.method}; lower lr "
@@ -243,45 +251,49 @@ def train(model: GladModel, items: Sequence[Datum], classnames: Sequence[str], t
         result.seconds = time.perf_counter() - t0
         if checkpoint is not None:
             with atomic_path(checkpoint) as tmp:
-                torch.save({"adapter": adapter_state_dict(model), "optimizer": optimizer.state_dict(),
+                torch.save({"trained": method.trained_state(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "epoch": epoch,
                             "result": asdict(result)}, tmp)
     bar.close()
-    model.eval()
+    method.eval()
     return result
 
 
 @torch.no_grad()
-def image_features(model: GladModel, items: Sequence[Datum], transform: Callable, batch_size: int = 64,
+def image_features(method: Method, items: Sequence[Datum], transform: Callable, batch_size: int = 64,
                    num_workers: int = 0, progress: bool = True, desc: str = "encode") -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised image features [N, D] and labels [N] of `items`, each image encoded once."""
-    cfg = model.cfg
+    cfg = method.cfg
     device = resolve_device(cfg.device)
     loader = torch.utils.data.DataLoader(ImageDataset(items, transform), batch_size=batch_size,
                                          num_workers=num_workers)
     feats, labels = [], []
     for images, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
         with autocast(device, cfg.precision):
-            feats.append(F.normalize(model.clip.encode_image(images.to(device)).float(), dim=-1))
+            feats.append(method.encode_image(images.to(device)))
         labels.append(y.to(device))
     return torch.cat(feats), torch.cat(labels)
 
 
 @torch.no_grad()
-def evaluate(model: GladModel, items: Sequence[Datum], classnames: Sequence[str], templates: Sequence[str],
+def evaluate(method: Method, items: Sequence[Datum], classnames: Sequence[str], templates: Sequence[str],
              transform: Callable, progress: bool = True, desc: str = "eval") -> dict:
-    """Top-1 accuracy and per-class accuracy of `model` on `items`, LoRA merged for speed."""
-    cfg = model.cfg
+    """Top-1 accuracy and per-class accuracy of `method` on `items` (in its `inference()` mode: LoRA merged)."""
+    cfg = method.cfg
     device = resolve_device(cfg.device)
-    model.to(device).eval()
-    merge_lora(model.clip)
-    try:
-        with autocast(device, cfg.precision):
-            text = model.text_features(classnames, templates).float()
-        feats, labels = image_features(model, items, transform, cfg.eval_batch_size, cfg.num_workers, progress, desc)
-        pred = torch.cat([model.logits(f, text).argmax(-1) for f in feats.split(cfg.eval_batch_size)])
-    finally:
-        unmerge_lora(model.clip)
+    method.to(device).eval()
+    with method.inference():
+        text = None
+        if not method.per_image:
+            with autocast(device, cfg.precision):
+                text = method.class_features(classnames, templates).float()
+        feats, labels = image_features(method, items, transform, cfg.eval_batch_size, cfg.num_workers, progress, desc)
+        preds = []
+        for f in feats.split(cfg.eval_batch_size):
+            with autocast(device, cfg.precision):
+                t = text if text is not None else method.class_features(classnames, templates, f).float()
+            preds.append(method.logits(f, t).argmax(-1))
+        pred = torch.cat(preds)
     hit = (pred == labels).float()
     per_class = {c: (hit[labels == k].mean().item() if (labels == k).any() else float("nan"))
                  for k, c in enumerate(classnames)}

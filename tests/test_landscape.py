@@ -7,10 +7,12 @@ import torch
 from PIL import Image
 
 from glad_core.data import Datum
-from glad_core.landscape import (dot, filter_normalize, fixed_batches, hvp, loss_fn, norm, random_direction,
+from glad_core.gradreg import dot
+from glad_core.landscape import (filter_normalize, fixed_batches, hvp, loss_fn, norm, random_direction,
                                  surface_1d, surface_2d, top_eigenvalue_and_convergence, top_hessian_eigenvalue,
                                  value, value_and_grad, worst_case_rise)
-from glad_core.train import GladModel, TrainConfig
+from glad_core.methods import Method, build
+from glad_core.train import TrainConfig
 
 # ---------------------------------------------------------------------------------------------
 # Quadratic L(θ) = ½ θᵀHθ − bᵀθ over θ = [W (3 x 2), c (2,)] flattened: g = Hθ − b, ∇²L = H.
@@ -227,16 +229,16 @@ def _char_tokenizer(texts: list[str], length: int = 24) -> torch.Tensor:
     return torch.tensor([[1 + ord(ch) % 98 for ch in t[:length]] + [0] * (length - len(t[:length])) for t in texts])
 
 
-def _glad(tiny_clip, trained: bool = True) -> GladModel:
+def _glad(tiny_clip, trained: bool = True) -> Method:
     clip, _, tokenizer = tiny_clip
-    model = GladModel(clip, tokenizer, TrainConfig(method="glad", rank=2, lora_dropout=0.25,
-                                                   alignnet_hidden=(16,), device="cpu"))
+    model = build(clip, tokenizer, TrainConfig(method="glad", device="cpu",
+                                               hparams={"rank": 2, "lora_dropout": 0.25, "alignnet_hidden": (16,)}))
     if trained:
         _train(model)
     return model.double().train()
 
 
-def _train(model: GladModel) -> None:
+def _train(model: Method) -> None:
     """Move B and AlignNet's output layer off their zero initialisation, as training does."""
     torch.manual_seed(1)
     with torch.no_grad():
@@ -265,12 +267,13 @@ def test_tiny_clip_kl_term_vanishes_at_initialisation(tiny_clip):
     """Untrained adapters (B = 0, AlignNet output 0) leave the model zero-shot: KL(p_zs ‖ p) = 0."""
     model = _glad(tiny_clip, trained=False)
     batches = _batches(4, 4)
-    with_kl = value(loss_fn(model, batches, CLASSNAMES, TEMPLATES, kl_weight=1.0))
-    assert with_kl == pytest.approx(value(loss_fn(model, batches, CLASSNAMES, TEMPLATES, kl_weight=0.0)),
-                                    rel=1e-12)
+    def loss_with(kl_weight: float) -> float:
+        model.cfg.kl_weight = kl_weight
+        return value(loss_fn(model, batches, CLASSNAMES, TEMPLATES))
+
+    assert loss_with(1.0) == pytest.approx(loss_with(0.0), rel=1e-12)
     _train(model)
-    assert (value(loss_fn(model, batches, CLASSNAMES, TEMPLATES, kl_weight=1.0))
-            > value(loss_fn(model, batches, CLASSNAMES, TEMPLATES, kl_weight=0.0)))
+    assert loss_with(1.0) > loss_with(0.0)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_clip", "tiny_hf_clip"])

@@ -138,7 +138,7 @@ def test_glad_mini_text_features_match_minilm_mean_pooling_and_ridge_closed_form
 
     model, _, tokenizer = glad_mini
     classes = open_clip.IMAGENET_CLASSNAMES[::50]
-    texts = mini.prompts(classes)
+    texts = mini.class_major_prompts(classes)
     X = mini.pooled_text_features(model, tokenizer, texts)
 
     # The same embeddings straight from Hugging Face, sentence-transformers style mean pooling.

@@ -29,7 +29,7 @@ SANITIZE = Path(__file__).resolve().parent / "nbval_sanitize.cfg"
 CHECK = "# NBVAL_CHECK_OUTPUT"
 # notebook -> its smoke parameter file (None: the report, which only reads records)
 SMOKE_PARAMS = {"base_to_novel": "base_to_novel.yaml", "ablation": "ablation.yaml",
-                "cross_dataset": "cross_dataset.yaml", "domain_shift": "domain_generalization.yaml", "report": None}
+                "cross_dataset": "cross_dataset.yaml", "domain_generalization": "domain_generalization.yaml", "report": None}
 
 
 @pytest.fixture(scope="module")

@@ -34,9 +34,9 @@ from glad_core import params as P
 from glad_core.data import Datum, ImageReadError
 from glad_core.datasets import load_dataset, load_folder_dataset
 from glad_core.io import write_json
-from glad_core.lora import adapter_state_dict
 from glad_core.protocols import run_cell
-from glad_core.train import GladModel, NonFiniteLossError, TrainConfig, evaluate, train
+from glad_core.methods import Method, build
+from glad_core.train import NonFiniteLossError, TrainConfig, evaluate, train
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ("red", "green", "blue", "yellow")
@@ -79,11 +79,11 @@ def _comparable(record: dict) -> dict:
     return out
 
 
-def _model(tiny_config: str, **cfg: Any) -> GladModel:
+def _model(tiny_config: str, **cfg: Any) -> Method:
     torch.manual_seed(0)
     clip, _, _ = open_clip.create_model_and_transforms(tiny_config, pretrained=None)
-    return GladModel(clip, open_clip.get_tokenizer(tiny_config),
-                     TrainConfig(**{"device": "cpu", "batch_size": 4, "method": "glad", **cfg}))
+    return build(clip, open_clip.get_tokenizer(tiny_config),
+                 TrainConfig(**{"device": "cpu", "batch_size": 4, "method": "glad", **cfg}))
 
 
 def _items(data_root: Path) -> list[Datum]:
@@ -364,7 +364,7 @@ def test_resume_after_epoch_k_equals_uninterrupted(tiny_config, data_root, tmp_p
 
     assert res.history == ref.history
     assert res.steps == ref.steps
-    a, b = adapter_state_dict(full), adapter_state_dict(resumed)
+    a, b = full.trained_state(), resumed.trained_state()
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     transform = open_clip.create_model_and_transforms(tiny_config, pretrained=None)[2]
     assert evaluate(full, items, names, TEMPLATES, transform, progress=False) == \

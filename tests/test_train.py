@@ -8,7 +8,8 @@ from PIL import Image
 
 from glad_core.data import Datum, ImageDataset
 from glad_core.results import harmonic_mean
-from glad_core.train import METHODS, GladModel, TrainConfig, evaluate, train, train_transform
+from glad_core.methods import REGISTRY, Method, build
+from glad_core.train import TrainConfig, evaluate, train, train_transform
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
@@ -27,12 +28,12 @@ def color_items(tmp_path) -> list[Datum]:
     return items
 
 
-def _model(tiny_clip, **kw) -> GladModel:
+def _model(tiny_clip, **kw) -> Method:
     clip, _, tok = tiny_clip
-    return GladModel(clip, tok, TrainConfig(**{"device": "cpu", "batch_size": 8, **kw}))
+    return build(clip, tok, TrainConfig(**{"device": "cpu", "batch_size": 8, **kw}))
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", list(REGISTRY))
 def test_every_method_trains_and_evaluates(tiny_clip, color_items, method):
     model = _model(tiny_clip, method=method, epochs=1)
     res = train(model, color_items, list(COLORS), ["a photo of {}."], progress=False)
@@ -43,7 +44,7 @@ def test_every_method_trains_and_evaluates(tiny_clip, color_items, method):
 
 def test_first_step_loss_is_zero_shot_cross_entropy(tiny_clip, color_items):
     """At init (B = 0, AlignNet = identity) tuned == zero-shot, so KL = 0 and the loss is the CE."""
-    model = _model(tiny_clip, method="glad", epochs=1, batch_size=32, kl_weight=5.0, lora_dropout=0.0)
+    model = _model(tiny_clip, method="glad", epochs=1, batch_size=32, kl_weight=5.0, hparams={"lora_dropout": 0.0})
     classes, tpl = list(COLORS), ["a photo of {}."]
     torch.manual_seed(1000)  # train() seeds each epoch with seed * 1000 + epoch (seed 1, epoch 0)
     loader = torch.utils.data.DataLoader(ImageDataset(color_items, train_transform(model.clip, 0.5)),
@@ -59,7 +60,8 @@ def test_first_step_loss_is_zero_shot_cross_entropy(tiny_clip, color_items):
 
 
 def test_training_improves_fit(tiny_clip, color_items):
-    model = _model(tiny_clip, method="lora", epochs=15, batch_size=32, lr=1e-2, lora_scale=1.0, lora_dropout=0.0, kl_weight=0.0)
+    model = _model(tiny_clip, method="lora", epochs=15, batch_size=32, lr=1e-2, kl_weight=0.0,
+                   hparams={"lora_scale": 1.0, "lora_dropout": 0.0})
     res = train(model, color_items, list(COLORS), ["a photo of {}."], progress=False)
     first, last = res.history[0], res.history[-1]
     assert last["loss"] < 0.5 * first["loss"]
@@ -83,8 +85,8 @@ def test_short_glad_run_on_glad_mini_improves_training_accuracy(tmp_path):
         pytest.skip(f"demo data unavailable here: {e}")
     clip, preprocess, tokenizer = load_backbone("glad-mini")
     split = fewshot(load_demo("tuxpaint"), shots=4, seed=1, cache=tmp_path)
-    model = GladModel(clip, tokenizer, TrainConfig(method="glad", device="cpu", epochs=4, batch_size=8,
-                                                   lr=2e-3, aug_scale_min=0.8))
+    model = build(clip, tokenizer, TrainConfig(method="glad", device="cpu", epochs=4, batch_size=8,
+                                               lr=2e-3, aug_scale_min=0.8))
 
     def fit() -> float:
         return evaluate(model, split.train, split.classnames, split.templates, preprocess, progress=False)["acc"]

@@ -1,0 +1,31 @@
+"""Methods as plug-ins: one file per family, each registering its names (see `base`).
+
+    from glad_core.methods import build, REGISTRY
+    method = build(clip, tokenizer, TrainConfig(method="glad"))
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from torch import nn
+
+from . import glad  # noqa: F401  (registers its names)
+from .base import REGISTRY, Hparam, Method, MethodInfo, load_trained, method_info, register, save_trained
+
+if TYPE_CHECKING:
+    from ..train import TrainConfig
+
+__all__ = ["REGISTRY", "Hparam", "Method", "MethodInfo", "build", "load_trained", "method_info", "register",
+           "save_trained", "ablation_rows"]
+
+
+def build(clip: nn.Module, tokenizer: Callable, cfg: "TrainConfig") -> Method:
+    """The method named by `cfg.method`, on `clip` (which it freezes and may modify in place)."""
+    info = method_info(cfg.method)
+    options = {k: v for k, v in info.options.items() if k != "defaults"}
+    return info.cls(clip, tokenizer, cfg, **options)
+
+
+def ablation_rows() -> dict[str, str]:
+    """Table 4 rows -> method names, in row order."""
+    return dict(sorted((i.row, i.name) for i in REGISTRY.values() if i.row))

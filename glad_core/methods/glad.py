@@ -1,0 +1,95 @@
+"""GLAD and the rows of its ablation (paper Table 4), plus zero-shot CLIP.
+
+    zeroshot        frozen CLIP, hand-written prompts                     (reference)
+    lora            LoRA on q, k, v of both towers (eq. 4)                row (a)
+    lora+sam        (a) stepped with SAM                                  row (b)
+    lora+gradreg    (a) stepped with the regularized gradient (Alg. 1)    row (c)
+    lora+alignnet   (a) with AlignNet (eq. 5)                             row (d)
+    glad            LoRA + AlignNet + regularized gradient                row (e)
+
+The loss is CE + λ·KL(p_zero-shot ‖ p) (the paper's Fig. 2 caption), λ = `kl_weight`; the zero-shot
+distribution is the same model with LoRA and AlignNet off (`zero_shot()`), on the same batch.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..alignnet import AlignNet
+from ..checks import in_range, positive_ints, subset_of
+from ..lora import apply_lora, lora_disabled
+from .base import Hparam, Method, register
+
+
+
+@register("zeroshot", published="clip")
+class ZeroShot(Method):
+    """Frozen CLIP with the dataset's hand-written prompts: trains nothing."""
+
+    trains = False
+
+LORA_HPARAMS = {
+    "rank": Hparam(8, "r, the rank of every LoRA update (paper: 8)", in_range(1)),
+    "lora_scale": Hparam(0.25, "γ in eq. 4 (not stated by the paper)", in_range()),
+    "lora_dropout": Hparam(0.25, "dropout on the input of the LoRA path (not stated; CLIP-LoRA's 0.25)",
+                           in_range(0, 1, hi_open=True)),
+    "lora_towers": Hparam(("image", "text"), "towers whose attention layers get LoRA (paper: both)",
+                          subset_of(("image", "text"))),
+}
+
+
+@register("lora+gradreg", row="c", step="gradreg")
+@register("lora+sam", row="b", step="sam")
+@register("lora", row="a", published="clip_lora", step="none")
+class LoRAMethod(Method):
+    """LoRA (eq. 4) on the q, k, v projections of every attention layer of the chosen towers."""
+
+    hparams = LORA_HPARAMS
+
+    def __init__(self, clip: nn.Module, tokenizer: Callable, cfg, step: str = "none"):
+        super().__init__(clip, tokenizer, cfg)
+        self.step = step
+        apply_lora(clip, rank=self.hp["rank"], scale=self.hp["lora_scale"], dropout=self.hp["lora_dropout"],
+                   towers=self.hp["lora_towers"])
+
+    @property
+    def text_trained(self) -> bool:
+        return "text" in self.hp["lora_towers"]
+
+    @contextmanager
+    def zero_shot(self) -> Iterator[None]:
+        with lora_disabled(self.clip):
+            yield
+
+
+@register("glad", row="e", published="glad", step="gradreg")
+@register("lora+alignnet", row="d", step="none")
+class GladMethod(LoRAMethod):
+    """LoRA with AlignNet (eq. 5): f̃_t = f_t + AlignNet([f_i; f_t]) per image and class."""
+
+    hparams = {**LORA_HPARAMS,
+               "alignnet_hidden": Hparam((256, 128), "hidden sizes of AlignNet's MLP (paper: 256, 128)", positive_ints)}
+
+    def __init__(self, clip: nn.Module, tokenizer: Callable, cfg, step: str = "none"):
+        super().__init__(clip, tokenizer, cfg, step)
+        with torch.no_grad():
+            dim = clip.encode_text(tokenizer(["a"])).shape[-1]
+        self.alignnet = AlignNet(dim, tuple(self.hp["alignnet_hidden"]))
+        self._aligned = True
+
+    def logits(self, image_features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        if self._aligned:
+            return self.alignnet.logits(image_features, text, self.logit_scale)
+        return super().logits(image_features, text)
+
+    @contextmanager
+    def zero_shot(self) -> Iterator[None]:
+        self._aligned = False
+        try:
+            with super().zero_shot():
+                yield
+        finally:
+            self._aligned = True
