@@ -1,10 +1,10 @@
-"""Published result tables (baselines from the literature), as tidy data frames.
+"""Published result tables: the GLAD paper's Tables 1-4, and a few baselines it does not print.
 
-The CSVs live in ``glad_core/published/``; ``glad_core/published/README.md`` says where
-every number was read and what could not be found (notably: the GLAD paper's own tables).
+The CSVs live in ``glad_core/published/``; ``glad_core/published/README.md`` says where every
+number was read, which other sources print the same number, and the paper's own inconsistencies.
 
     >>> from glad_core.published import published
-    >>> published("base_to_novel").query("dataset == 'average'")
+    >>> published("base_to_novel").query("dataset == 'average' and method == 'glad'")
 """
 from __future__ import annotations
 
@@ -29,19 +29,31 @@ COLUMNS = {
     "cross_dataset": ["method", "dataset", "acc", "source", "crosscheck"],
     "domain_generalization": ["method", "dataset", "acc", "source", "crosscheck"],
     "ablation": ["row", "method", "base", "novel", "hm", "source"],
+    "gain": ["table", "dataset", "split", "gain", "source"],
     "sources": ["key", "kind", "location", "table", "note"],
 }
-_NUMERIC = ("base", "novel", "hm", "acc")
+_NUMERIC = ("base", "novel", "hm", "acc", "gain")
 TABLES = tuple(COLUMNS)
+
+#: The ``source`` key of the rows printed in the GLAD paper, per table (Tables 1-4; Gain is in
+#: ``gain``, keyed by the table it belongs to). Rows with another source are not in GLAD's tables.
+GLAD_SOURCES = {
+    "base_to_novel": "glad_t1",
+    "cross_dataset": "glad_t2",
+    "domain_generalization": "glad_t3",
+    "ablation": "glad_t4",
+}
 
 
 def published(table: str) -> pd.DataFrame:
-    """Load one published table: ``base_to_novel``, ``cross_dataset``,
-    ``domain_generalization``, ``ablation`` or ``sources`` (a trailing ``.csv`` is accepted).
+    """Load one published table: ``base_to_novel``, ``cross_dataset``, ``domain_generalization``,
+    ``ablation``, ``gain`` or ``sources`` (a trailing ``.csv`` is accepted).
 
-    Accuracies are floats in percent; ``dataset == "average"`` rows are the averages the
-    source reports (base-to-novel: mean over the 11 datasets for base/novel, HM of those two;
+    Accuracies are floats in percent; ``dataset == "average"`` rows are the averages the source
+    prints (base-to-novel: mean over the 11 datasets for base/novel, HM of those two;
     cross-dataset: mean over the 10 targets; domain generalisation: mean over the 4 shifted sets).
+    ``gain`` is GLAD minus CLIP-LoRA as the paper prints it, in points, per table, dataset and
+    split (``base``/``novel``/``hm`` for base-to-novel, ``acc`` for the transfer tables).
     """
     name = table[:-4] if table.endswith(".csv") else table
     if name not in COLUMNS:
@@ -51,4 +63,3 @@ def published(table: str) -> pd.DataFrame:
         if col in df.columns:
             df[col] = pd.to_numeric(df[col], errors="raise").astype(float)
     return df
-
