@@ -13,7 +13,7 @@ from PIL import Image
 
 from glad_core.data import Datum
 from glad_core.demo_data import DEMO_DATASETS, DemoDataUnavailable
-from glad_core.descriptions import (DescriptionError, DescriptionProvider, Descriptions, WordNet,
+from glad_core.descriptions import (KINDS, DescriptionError, DescriptionProvider, Descriptions, WordNet,
                                     frozen_image_features, load_descriptions, make_provider, retrieve,
                                     tuxpaint_descriptions, tuxpaint_descriptions_path, unicode_descriptions)
 from glad_core.paths import cache_dir
@@ -109,6 +109,7 @@ def test_human_descriptions_train_only_by_default_and_oracle_switch():
     assert oracle.image_texts(TEST, "test") == human.image_texts(TEST)
     assert oracle.kind == "oracle" and oracle.describe()["oracle"] is True and oracle.name == "notes/oracle"
     assert oracle.describe() != default.describe()
+    assert {default.kind, oracle.kind, DescriptionProvider(_mllm()).kind} == set(KINDS) - {"human", "class"}
     with pytest.raises(DescriptionError, match="contradicts test='retrieval'"):
         DescriptionProvider(human, test="retrieval", oracle=True)
 
