@@ -54,7 +54,7 @@ from .paths import cache_dir
 PHOTO_TEMPLATE = ("a photo of a {}.",)
 DOMAINBED_DOC = ("DomainBed's layout <data_root>/<dataset>/<domain>/<class>/<images>, as written by "
                  "python -m domainbed.scripts.download (https://github.com/facebookresearch/DomainBed)")
-SPLIT_FRACTIONS = {"train": 0.4, "val": 0.4, "test": 0.2}
+VAL_FRAC, TEST_FRAC = 0.4, 0.2  # DomainBed sets: 40 % train (the rest) / 40 % val / 20 % test per class
 
 
 @dataclass(frozen=True)
@@ -190,13 +190,13 @@ def read_domain_folders(spec: DomainSetSpec, folder: Path, split_seed: int = 1) 
     """Every domain of `spec` under `folder`, from its split file (written first if missing)."""
     domain_dirs = {d: _domain_dir(spec, folder, d) for d in spec.domains}
     classes = {d: _subdirs(p) for d, p in domain_dirs.items()}
-    classnames = classes[spec.domains[0]]
+    classnames = sorted(set().union(*classes.values()))
     for d, found in classes.items():
-        if len(found) != spec.num_classes or found != classnames:
+        if found != classnames or len(classnames) != spec.num_classes:
             raise DatasetError(
-                f"{domain_dirs[d]} holds {len(found)} class folders, expected the {spec.num_classes} of "
-                f"{spec.name} ({DOMAINBED_DOC}), the same in every domain; "
-                f"missing: {sorted(set(classnames) - set(found))[:10]}, extra: {sorted(set(found) - set(classnames))[:10]}.")
+                f"{domain_dirs[d]} holds {len(found)} class folders; {spec.name} has {spec.num_classes}, the same "
+                f"in every domain ({DOMAINBED_DOC}). All domains together hold {len(classnames)}; missing here: "
+                f"{sorted(set(classnames) - set(found))[:10]}.")
     split_dirs = _split_dirs(folder, spec.name)
     domains, used = {}, []
     for d, path in domain_dirs.items():
@@ -205,8 +205,7 @@ def read_domain_folders(spec: DomainSetSpec, folder: Path, split_seed: int = 1) 
         if existing is None:
             groups = [[Datum(os.path.join(path, c, f), y, c, d) for f in _files(path / c, IMAGE_EXTENSIONS)]
                       for y, c in enumerate(classnames)]
-            fr = SPLIT_FRACTIONS
-            train, val, test = split_per_class(groups, fr["val"], fr["test"], split_seed, str(path), min_train=0)
+            train, val, test = split_per_class(groups, VAL_FRAC, TEST_FRAC, split_seed, str(path), min_train=0)
             domains[d] = Splits(f"{spec.name}/{d}", list(classnames), list(spec.templates), train=train, val=val,
                                 test=test)
             used.append(_save_first(split_dirs, fname, domains[d], path).parent)

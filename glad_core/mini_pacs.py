@@ -158,11 +158,11 @@ def build_mini_pacs(root: Path, force: bool = False) -> Path:
     folder = root / spec.folders[0]
     if not force and all((folder / split_file_name(d, SPLIT_SEED)).is_file() for d in spec.domains):
         return folder
-    prepare_demo_data(names=list(COPIED.values()))
+    built = prepare_demo_data(names=list(COPIED.values()))
     shutil.rmtree(folder, ignore_errors=True)
     for domain, name in COPIED.items():
         src = DEMO_DATASETS[name]
-        shutil.copytree(root / src.folder / src.image_dir, folder / domain, copy_function=_link_or_copy)
+        shutil.copytree(built / src.folder / src.image_dir, folder / domain, copy_function=_link_or_copy)
     for domain, f in FONTS.items():
         path = font_path(domain)
         font = ImageFont.truetype(str(path), f.size, layout_engine=ImageFont.Layout.BASIC)

@@ -121,7 +121,10 @@ def test_domainbed_errors_name_path_and_layout(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=rf"domain 'sketch'.*{tmp_path / 'PACS' / 'sketch'}.*art_painting, cartoon"):
         dm.load_domains("pacs", tmp_path)
     make_domainbed(tmp_path, domains=("sketch",), classes=PACS_CLASSES[:-1])
-    with pytest.raises(DatasetError, match=r"sketch holds 6 class folders.*missing: \['person'\]"):
+    with pytest.raises(DatasetError, match=r"sketch holds 6 class folders.*missing here: \['person'\]"):
+        dm.load_domains("pacs", tmp_path)
+    make_domainbed(tmp_path, classes=("zebra",))
+    with pytest.raises(DatasetError, match="pacs has 7.*together hold 8"):
         dm.load_domains("pacs", tmp_path)
 
 
@@ -345,6 +348,24 @@ def test_mini_pacs_glyph_images(mini_pacs: dm.MultiDomain) -> None:
     font = ImageFont.truetype(str(mp.font_path("sketch")), f.size, layout_engine=ImageFont.Layout.BASIC)
     stored = demo_data.cache_dir() / "data" / "mini_pacs" / "sketch" / mp.glyph_file("tree", 0x1F332, "EVERGREEN TREE")
     assert np.array_equal(np.asarray(mp.render_glyph(font, 0x1F332, f.color)), np.asarray(Image.open(stored)))
+
+
+def test_mini_pacs_build_is_reproducible_and_redone_when_interrupted(mini_pacs: dm.MultiDomain, tmp_path: Path) -> None:
+    from glad_core.mini_pacs import build_mini_pacs
+
+    shipped = demo_data.cache_dir() / "data" / "mini_pacs"
+    folder = build_mini_pacs(tmp_path)  # a second, independent build
+    splits = sorted(p.name for p in shipped.glob("split_glad_*.json"))
+    assert splits == sorted(p.name for p in folder.glob("split_glad_*.json")) and len(splits) == 4
+    for name in splits:
+        assert (folder / name).read_bytes() == (shipped / name).read_bytes()
+    mtime = (folder / splits[0]).stat().st_mtime_ns
+    assert build_mini_pacs(tmp_path) == folder and (folder / splits[0]).stat().st_mtime_ns == mtime  # skipped
+    (folder / splits[0]).unlink()  # as if the build had stopped before its last step
+    stray = folder / "sketch" / "tree" / "stray.png"
+    stray.write_bytes(b"partial")
+    build_mini_pacs(tmp_path)
+    assert (folder / splits[0]).read_bytes() == (shipped / splits[0]).read_bytes() and not stray.exists()
 
 
 def test_font_package_needs_its_file(tmp_path: Path, monkeypatch) -> None:
