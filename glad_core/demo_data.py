@@ -41,7 +41,7 @@ train / val / test = about 50/20/30 % (`clipart`), 65/10/25 % (`tuxpaint`: small
 training data as a usable test set allows) and 30/10/60 % (`clipart10`: a target, its test set
 matters most), with at least one image in each.
 
-Run `python -m glad_core.demo_data` (or `prepare_demo_data()`): about a minute, 55 MB. The unpacked
+Run `python -m glad_core.demo_data` (or `prepare_demo_data()`): about a minute, 45 MB. The unpacked
 packages in `cache_dir()/debian/` (about 235 MB) are needed only to rebuild or re-check the splits
 and may be deleted. Without apt-get / dpkg-deb, `DemoDataUnavailable` explains the alternatives
 (`$GLAD_DEBIAN_ROOT`; torchvision's copy of Fashion-MNIST).
