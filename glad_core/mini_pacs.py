@@ -1,6 +1,7 @@
 """mini-PACS: the demo's 10 classes in four rendering domains, like PACS's photo / art / cartoon / sketch.
 
-* photo: the `tuxpaint` demo set (Tux Paint stamp photos), every image of its three splits;
+* photo: the `tuxpaint` demo set (Tux Paint stamp photos), every image of its three splits
+  (hard links to its files where the file system allows, else copies);
 * clip_art: the `clipart10` demo set (OpenClipart), likewise;
 * cartoon: Noto Color Emoji glyphs (Debian `fonts-noto-color-emoji`, SIL OFL 1.1), drawn with
   Pillow at the font's bitmap size 109 in colour (`embedded_color`);
