@@ -19,11 +19,13 @@ class ImageReadError(RuntimeError):
 
 @dataclass(frozen=True)
 class Datum:
-    """One labelled image: absolute path, integer label, class name."""
+    """One labelled image: absolute path, integer label, class name, and its domain ("" when the
+    dataset has a single domain; e.g. "sketch" in a multi-domain set, see `glad_core.domains`)."""
 
     impath: str
     label: int
     classname: str
+    domain: str = ""
 
 
 @dataclass

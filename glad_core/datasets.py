@@ -64,6 +64,7 @@ import math
 import os
 import random
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable, Literal, Sequence
 
@@ -208,10 +209,13 @@ def _missing_split_message(spec: DatasetSpec, split_path: Path) -> str:
 
 
 def load_split_file(split_file: str | Path, image_dir: str | Path, name: str,
-                    templates: Sequence[str], check_images: bool = True) -> Splits:
+                    templates: Sequence[str], check_images: bool = True,
+                    classnames: Sequence[str] | None = None, domain: str = "") -> Splits:
     """Read a CoOp-format split JSON ({"train"|"val"|"test": [[path, label, classname], ...]}).
 
-    Paths are joined to `image_dir`; labels and class names are used as stored.
+    Paths are joined to `image_dir`; labels and class names are used as stored. With `classnames`
+    the file must name its labels exactly so (a class may then have no image, as in one domain of
+    a multi-domain set); without, the class list is read off the file. Items carry `domain`.
     """
     split_file = Path(split_file)
     try:
@@ -225,7 +229,7 @@ def load_split_file(split_file: str | Path, image_dir: str | Path, name: str,
             raise DatasetError(f"split file {split_file} has no {part!r} list; expected CoOp's format "
                                '{"train": [[path, label, classname], ...], "val": [...], "test": [...]}.')
         try:
-            lists[part] = [Datum(os.path.join(image_dir, rel), int(label), str(cname))
+            lists[part] = [Datum(os.path.join(image_dir, rel), int(label), str(cname), domain)
                            for rel, label, cname in entries]
         except (TypeError, ValueError) as e:
             raise DatasetError(f"split file {split_file}: malformed {part!r} entry ({e}); each entry "
@@ -233,7 +237,14 @@ def load_split_file(split_file: str | Path, image_dir: str | Path, name: str,
     items = lists["train"] + lists["val"] + lists["test"]
     if check_images:
         _check_images(items, f"split file {split_file}")
-    return Splits(name, _classnames(items, str(split_file)), list(templates), **lists)
+    if classnames is None:
+        return Splits(name, _classnames(items, str(split_file)), list(templates), **lists)
+    wrong = next((d for d in items if not (0 <= d.label < len(classnames) and classnames[d.label] == d.classname)), None)
+    if wrong is not None:
+        raise DatasetError(f"split file {split_file} names label {wrong.label} {wrong.classname!r}, but the dataset's "
+                           f"classes are {list(classnames)[:10]}{', ...' if len(classnames) > 10 else ''}. The file "
+                           "belongs to another version of the data: delete it to split again.")
+    return Splits(name, list(classnames), list(templates), **lists)
 
 
 def _classnames(items: Iterable[Datum], source: str) -> list[str]:
@@ -471,38 +482,52 @@ def _check_template(template: str) -> None:
 
 def _split_by_class(by_class: dict[str, list[str]], name: str, template: str, val_frac: float,
                     test_frac: float, seed: int, source: str) -> Splits:
-    """Shuffle each class's paths with Random(seed) and cut them into val, test and train."""
+    """Label the classes in order and cut each one into train / val / test (`split_per_class`)."""
+    groups = [[Datum(p, label, cname) for p in paths] for label, (cname, paths) in enumerate(by_class.items())]
+    train, val, test = split_per_class(groups, val_frac, test_frac, seed, source)
+    return Splits(name, list(by_class), [template], train=train, val=val, test=test)
+
+
+def split_per_class(groups: Sequence[Sequence[Datum]], val_frac: float, test_frac: float, seed: int,
+                    source: str, min_train: int = 1) -> tuple[list[Datum], list[Datum], list[Datum]]:
+    """Train, val and test lists from per-class item lists, deterministically.
+
+    One `random.Random(seed)` shuffles the classes' lists in turn; each class gives its first
+    round(n * val_frac) items to val, the next round(n * test_frac) to test and the rest to train
+    (Python's round: halves go to the even number). A class left with fewer than `min_train`
+    training items raises (`min_train=0` accepts empty classes).
+    """
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
         raise DatasetError(f"val_frac={val_frac} and test_frac={test_frac} must be in [0, 1) with a sum below 1.")
     rng = random.Random(seed)
     train, val, test, too_small = [], [], [], []
-    for label, (cname, paths) in enumerate(by_class.items()):
-        paths = list(paths)
-        rng.shuffle(paths)
-        n_val, n_test = round(len(paths) * val_frac), round(len(paths) * test_frac)
-        if len(paths) - n_val - n_test < 1:
-            too_small.append(f"{cname} ({len(paths)})")
-        items = [Datum(p, label, cname) for p in paths]
+    for items in groups:
+        items = list(items)
+        rng.shuffle(items)
+        n_val, n_test = round(len(items) * val_frac), round(len(items) * test_frac)
+        if len(items) - n_val - n_test < min_train:
+            too_small.append(f"{items[0].classname} ({len(items)})" if items else "a class (0)")
         val += items[:n_val]
         test += items[n_val:n_val + n_test]
         train += items[n_val + n_test:]
     if too_small:
         raise DatasetError(f"{source}: classes too small to keep a training image with val_frac={val_frac}, "
                            f"test_frac={test_frac}: {', '.join(too_small[:10])}. Add images or lower the fractions.")
-    return Splits(name, list(by_class), [template], train=train, val=val, test=test)
+    return train, val, test
 
 
 # ----------------------------------------------------------------------------- few-shot sampling
 
 
 def fewshot(splits: Splits, shots: int, seed: int, cache: str | Path | None = "auto",
-            strict: bool = False) -> Splits:
+            strict: bool = False, val_shots: int | None = None) -> Splits:
     """K-shot train and min(K, 4)-shot val lists, selected exactly as Dassl's generate_fewshot_dataset.
 
     `shots < 1` returns `splits` unchanged (CoOp's "all data"). `cache`: "auto" (the dataset's
     `split_fewshot/` folder when writable, else the glad cache), a folder, or None (no cache).
     Classes smaller than the shot count are sampled with replacement like Dassl, with a warning;
-    `strict=True` raises instead. Apply before `subsample_classes`, as CoOp does.
+    `strict=True` raises instead. Apply before `subsample_classes`, as CoOp does. `val_shots`
+    replaces CoOp's min(K, 4) (GuiDG draws K from val too: its guidance pool), on the same stream.
     """
     if shots < 1:
         return splits
@@ -511,10 +536,14 @@ def fewshot(splits: Splits, shots: int, seed: int, cache: str | Path | None = "a
                            "sampling applies to datasets with a train split.")
     if seed < 0:
         raise DatasetError(f"seed must be >= 0, got {seed} (CoOp's runs use seeds 1, 2, 3).")
+    if val_shots is not None and val_shots < 1:
+        raise DatasetError(f"val_shots must be >= 1 (or None for CoOp's min(shots, {VAL_SHOTS})), got {val_shots}.")
     sample_val = splits.name not in VAL_IS_TEST
-    parts = {"train": shots, "val": min(shots, VAL_SHOTS)} if sample_val else {"train": shots}
+    n_val = min(shots, VAL_SHOTS) if val_shots is None else val_shots
+    parts = {"train": shots, "val": n_val} if sample_val else {"train": shots}
     _check_class_sizes(splits, parts, strict)
-    paths = [d / f"shot_{shots}-seed_{seed}.json" for d in _cache_dirs(splits, cache)]
+    suffix = "" if val_shots is None else f"-val_{val_shots}"
+    paths = [d / f"shot_{shots}-seed_{seed}{suffix}.json" for d in _cache_dirs(splits, cache)]
     key = _fingerprint(splits, parts) if paths else ""
     picked = None
     for path in paths:
@@ -635,7 +664,7 @@ def subsample_classes(splits: Splits, subsample: Literal["all", "base", "novel",
     relabel = {y: i for i, y in enumerate(selected)}
 
     def keep(items: list[Datum]) -> list[Datum]:
-        return [Datum(d.impath, relabel[d.label], d.classname) for d in items if d.label in relabel]
+        return [replace(d, label=relabel[d.label]) for d in items if d.label in relabel]
 
     return splits.with_lists(train=keep(splits.train), val=keep(splits.val), test=keep(splits.test),
                              classnames=[splits.classnames[y] for y in selected])

@@ -1,4 +1,4 @@
-"""Embedded demo datasets, built from three Debian packages of labelled images.
+"""Embedded demo datasets, built from Debian packages of labelled images (and two fonts).
 
 The packages are fetched with `apt-get download` (no root needed) and only their image files are
 unpacked into `cache_dir()/debian/`; packages already installed system-wide, or unpacked by hand
@@ -26,6 +26,11 @@ Datasets (`DEMO_DATASETS`):
 `fashion_mnist` is the cross-dataset target: its garment names share no class name with
 `tuxpaint` (whose "clothing" is their super-class, a deliberate semantic overlap).
 
+`mini_pacs` (`glad_core.mini_pacs`, loaded with `glad_core.domains.load_domains`) is a four-domain
+set of the same 10 classes for multi-source domain generalization: photo (`tuxpaint`), clip art
+(`clipart10`), cartoon (Noto Color Emoji glyphs, `fonts-noto-color-emoji`) and sketch (Symbola
+glyphs, `fonts-symbola`).
+
 Cut-outs are cropped to their opaque area, fitted into 208x208 and centred on a white square of at
 most 224x224 (so a centre crop keeps the whole object). Exact duplicate files are kept once and
 sources above 25 megapixels are skipped (they take seconds each to decode).
@@ -36,8 +41,8 @@ train / val / test = about 50/20/30 % (`clipart`), 65/10/25 % (`tuxpaint`: small
 training data as a usable test set allows) and 30/10/60 % (`clipart10`: a target, its test set
 matters most), with at least one image in each.
 
-Run `python -m glad_core.demo_data` (or `prepare_demo_data()`): about a minute, 40 MB. The unpacked
-packages in `cache_dir()/debian/` (about 220 MB) are needed only to rebuild or re-check the splits
+Run `python -m glad_core.demo_data` (or `prepare_demo_data()`): about a minute, 45 MB. The unpacked
+packages in `cache_dir()/debian/` (about 235 MB) are needed only to rebuild or re-check the splits
 and may be deleted. Without apt-get / dpkg-deb, `DemoDataUnavailable` explains the alternatives
 (`$GLAD_DEBIAN_ROOT`; torchvision's copy of Fashion-MNIST).
 """
@@ -77,17 +82,24 @@ class DemoDataUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Package:
-    """A Debian package and the directory (inside it) whose files the demo sets use."""
+    """A Debian package and the directory (inside it) whose files the demo sets use.
+
+    `file`, when set, must be in that directory for a system-wide copy to count (a font folder
+    such as usr/share/fonts/truetype/noto is shared by several packages).
+    """
 
     name: str
     content: str
     suffix: str
+    file: str = ""
 
 
 FASHION = Package("dataset-fashion-mnist", "usr/share/datasets/fashion-mnist", ".gz")
 TUXPAINT = Package("tuxpaint-stamps-default", "usr/share/tuxpaint/stamps", ".png")
 OPENCLIPART = Package("openclipart-png", "usr/share/openclipart/png", ".png")
-PACKAGES = {p.name: p for p in (FASHION, TUXPAINT, OPENCLIPART)}
+EMOJI_FONT = Package("fonts-noto-color-emoji", "usr/share/fonts/truetype/noto", ".ttf", "NotoColorEmoji.ttf")
+SYMBOLA_FONT = Package("fonts-symbola", "usr/share/fonts/truetype/ancient-scripts", ".ttf", "Symbola_hint.ttf")
+PACKAGES = {p.name: p for p in (FASHION, TUXPAINT, OPENCLIPART, EMOJI_FONT, SYMBOLA_FONT)}
 
 
 @dataclass(frozen=True)
@@ -205,6 +217,10 @@ DEMO_DATASETS: dict[str, DatasetSpec] = {
                              ("a clip art of a {}.",), demo=True),
 }
 
+# The multi-domain demo set (glad_core.mini_pacs): built by prepare, loaded with glad_core.domains.
+MINI_PACS = "mini_pacs"
+DEMO_SETS = (*DEMO_DATASETS, MINI_PACS)
+
 _NO_APT = """\
 Building the demo dataset(s) needs the Debian package(s) {packages}, but {missing} is not \
 available to fetch them. Either install the packages on a Debian/Ubuntu system, or unpack their \
@@ -286,7 +302,7 @@ def content_dir(package: Package) -> Path:
     if package is FASHION:
         candidates.append(_torchvision_fashion_dir())
     for path in candidates:
-        if path.is_dir():
+        if path.is_dir() and (not package.file or (path / package.file).is_file()):
             return path
     unpacked = cache_dir() / "debian"
     if not (unpacked / f".{package.name}.unpacked").exists():
@@ -391,9 +407,13 @@ def plan_splits(name: str) -> dict[str, list[list]]:
 
 
 def _cutout(path: Path) -> Image.Image:
-    """Crop to the opaque area, fit into MAX_SIDE - 2*PAD and centre on a white square."""
+    """A cut-out file on white (`on_white`)."""
     with Image.open(path) as im:
-        im = im.convert("RGBA")
+        return on_white(im.convert("RGBA"))
+
+
+def on_white(im: Image.Image) -> Image.Image:
+    """Crop an RGBA image to its opaque area, fit it into MAX_SIDE - 2*PAD, centre it on a white square."""
     box = im.getchannel("A").getbbox()
     if box:
         im = im.crop(box)
@@ -417,13 +437,17 @@ def _write_json_atomic(path: Path, obj: object) -> None:
 
 
 def prepare_demo_data(force: bool = False, names: Iterable[str] | None = None) -> Path:
-    """Fetch the packages and build the demo sets (`names`, default all); return the data root.
+    """Fetch the packages and build the demo sets (`names`, default all of `DEMO_SETS`); return the data root.
 
     A set whose split file exists is skipped unless `force`; the split file is written last
     (atomically), so an interrupted build is redone from scratch on the next call.
     """
     root = cache_dir() / "data"
-    for name in names or DEMO_DATASETS:
+    for name in names or DEMO_SETS:
+        if name == MINI_PACS:
+            from .mini_pacs import build_mini_pacs
+            build_mini_pacs(root, force)
+            continue
         spec = DEMO_DATASETS[name]
         folder = root / spec.folder
         if (folder / spec.split_file).exists() and not force:
@@ -454,12 +478,12 @@ def load_demo(name: str) -> Splits:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m glad_core.demo_data", description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", metavar="NAME",
-                        help=f"demo sets to build (default: all of {', '.join(DEMO_DATASETS)})")
+                        help=f"demo sets to build (default: all of {', '.join(DEMO_SETS)})")
     parser.add_argument("--force", action="store_true", help="rebuild even if already built")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.names) - set(DEMO_DATASETS))
+    unknown = sorted(set(args.names) - set(DEMO_SETS))
     if unknown:
-        parser.error(f"unknown demo set(s) {', '.join(unknown)}; choose from {', '.join(DEMO_DATASETS)}")
+        parser.error(f"unknown demo set(s) {', '.join(unknown)}; choose from {', '.join(DEMO_SETS)}")
     print(prepare_demo_data(force=args.force, names=args.names or None))
 
 
