@@ -16,6 +16,16 @@ from typing import Any
 from . import params as P
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors of bad input (parameters, data, weights), each with a message that names the fix."""
+    from .data import ImageReadError
+    from .datasets import DatasetError
+    from .demo_data import DemoDataUnavailable
+    from .models import WeightsError
+
+    return P.ParamError, DatasetError, FileNotFoundError, WeightsError, DemoDataUnavailable, ImageReadError
+
+
 def cmd_prepare() -> None:
     from .demo_data import prepare_demo_data
     from .models import load_backbone
@@ -78,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd_run(P.load(path, **overrides) if path else P.validate(overrides))
         elif args.command == "demo":
             return cmd_demo()
-    except P.ParamError as e:
+    except user_errors() as e:  # bad input: one line naming the problem and the fix, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

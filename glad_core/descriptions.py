@@ -399,14 +399,13 @@ def retrieve(query: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> tupl
 
 
 @torch.no_grad()
-def frozen_image_features(model, items: Sequence[Datum], transform: Callable, batch_size: int = 64,
+def frozen_image_features(method, items: Sequence[Datum], transform: Callable, batch_size: int = 64,
                           progress: bool = False) -> torch.Tensor:
-    """Normalised image features [N, D] of `items` under the frozen model (a `GladModel`; LoRA bypassed)."""
-    from .lora import lora_disabled
+    """Normalised image features [N, D] of `items` under the frozen model (a method's `zero_shot()`)."""
     from .train import image_features
 
-    with lora_disabled(model.clip):
-        return image_features(model, items, transform, batch_size, progress=progress, desc="describe")[0]
+    with method.zero_shot():
+        return image_features(method, items, transform, batch_size, progress=progress, desc="describe")[0]
 
 
 # ----------------------------------------------------------------------------- the provider

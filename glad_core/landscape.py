@@ -21,7 +21,6 @@ more than one batch's graph. Every function leaves the parameters exactly as it 
 """
 from __future__ import annotations
 
-import json
 import random
 import warnings
 from dataclasses import dataclass
@@ -310,28 +309,10 @@ def top_hessian_eigenvalue(loss: Loss, params: Sequence[torch.Tensor], iters: in
 # From cells and records to measurements, tables and figures
 # ---------------------------------------------------------------------------------------------
 
-# Record parameters that do not change the trained adapter.
-_NOT_TRAINING = ("data_root", "device", "num_workers", "eval_batch_size")
-
-
 def tuned_records(cells: Sequence[Cell], progress: bool = True) -> list[dict]:
-    """The records of `cells`, training those not done yet (`run_cell`).
-
-    A record found on disk must have been trained with the cell's parameters: records are keyed by
-    dataset, method, shots and seed only, so one from a run with, say, other epochs would silently
-    stand in for this one. Raises ValueError naming the differences instead.
-    """
-    records = []
-    for cell in cells:
-        rec = run_cell(cell, progress=progress)
-        want = {k: v for k, v in cell.params().items() if k not in _NOT_TRAINING}
-        have = json.loads(json.dumps(rec["params"]))
-        diff = {k: (have.get(k), v) for k, v in json.loads(json.dumps(want)).items() if have.get(k) != v}
-        if diff:
-            raise ValueError(f"record {cell.record_path} was made with other parameters (record, asked): {diff}. "
-                             "Use another results_dir, or delete the record to retrain.")
-        records.append(rec)
-    return records
+    """The records of `cells`, training those not done yet (`run_cell`; a record's path names every
+    parameter that changes it, so a record found is one trained with the cell's parameters)."""
+    return [run_cell(cell, progress=progress) for cell in cells]
 
 
 def load_tuned(record: dict, device: str | None = None) -> tuple[Method, Callable]:

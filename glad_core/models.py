@@ -20,6 +20,10 @@ from .paths import cache_dir
 PAPER_BACKBONE = ("ViT-B-16", "openai")
 
 
+class WeightsError(RuntimeError):
+    """Pretrained weights could not be fetched or read."""
+
+
 def _weights_dir() -> str:
     return str(cache_dir() / "open_clip")
 
@@ -66,7 +70,7 @@ def _resolve_pretrained(name: str, pretrained: str | None) -> dict:
         local_name = f"{name}-quickgelu"
         if not (cfg.get("quick_gelu") and local_name in open_clip.list_models()):
             local_name = name
-        raise RuntimeError(
+        raise WeightsError(
             f"Could not fetch the {pretrained!r} weights of {name!r} ({type(e).__name__}: {e}). Without internet "
             f"access, download the checkpoint elsewhere ({source}) and pass the file: {_local_file_hint(local_name)}."
         ) from e
@@ -101,6 +105,13 @@ def load_backbone(
         pretrained = pretrained or str(mini.build_glad_mini())
         kwargs.update(mini.PREPROCESS)
     kwargs.update(_resolve_pretrained(name, pretrained))
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, **kwargs)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, **kwargs)
+    except Exception as e:
+        if pretrained is None or not os.path.isfile(pretrained):
+            raise
+        raise WeightsError(f"could not read the weights file {pretrained} as a {name!r} checkpoint "
+                           f"({type(e).__name__}: {str(e)[:300]}); pass an open_clip checkpoint of that model: "
+                           f"{_local_file_hint(name)}") from e
     _freeze_stochastic_layers(model)  # on CPU: timm's BatchNorm freezing cannot move buffers across devices
     return model.to(device).eval(), preprocess, open_clip.get_tokenizer(name)

@@ -85,7 +85,7 @@ def _checked(key: str, value: Any, entry: Entry | None = None) -> Any:
             value = float(value)
         except ValueError:
             pass
-    if isinstance(value, bool) or not isinstance(value, types):
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
         if not (value is None and type(None) in types):
             names = "/".join("null" if t is type(None) else t.__name__ for t in types)
             raise _fail(key, value, f"expected {names}")

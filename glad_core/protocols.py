@@ -62,7 +62,8 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return f"shots{self.shots}_seed{self.train.seed}"
+        """`shots{K}_seed{S}_{digest}`: the digest is of every parameter that changes the result."""
+        return f"shots{self.shots}_seed{self.train.seed}_{_digest(self.identity())}"
 
     @property
     def record_path(self) -> Path:
@@ -74,15 +75,27 @@ class Cell:
                 "backbone": self.backbone, "pretrained": self.pretrained, "data_root": self.data_root,
                 **self.train.to_dict()}
 
+    def identity(self) -> dict[str, Any]:
+        """The parameters that change the record's numbers (not where data lives, nor device or batching
+        of evaluation): a changed value trains anew, an unchanged one reuses the record."""
+        return {k: v for k, v in self.params().items() if k not in NOT_IDENTITY}
+
     def adapter_path(self) -> Path:
-        """Where the trained adapter goes; transfer protocols key it by everything training depends on."""
+        """Where the trained state goes; transfer protocols key it by everything training depends on, so
+        cross-dataset and domain-generalization cells of the same source and training share it."""
         if self.protocol == "base_to_novel":
             return self.record_path.with_suffix(".safetensors")
-        keys = {k: v for k, v in self.params().items()
-                if k not in ("protocol", "targets", "data_root", "device", "num_workers", "eval_batch_size")}
-        digest = hashlib.sha1(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        training = {k: v for k, v in self.identity().items() if k not in ("protocol", "targets")}
         return (Path(self.results_dir) / "adapters" / self.dataset / _slug(self.backbone) / self.train.method
-                / f"{self.name}_{digest}.safetensors")
+                / f"shots{self.shots}_seed{self.train.seed}_{_digest(training)}.safetensors")
+
+
+#: Parameters that do not change a cell's numbers.
+NOT_IDENTITY = ("data_root", "device", "num_workers", "eval_batch_size")
+
+
+def _digest(params: dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def _slug(s: str) -> str:

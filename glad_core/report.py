@@ -5,10 +5,13 @@ Reproduced numbers are seed means ± std in percent (`results.summarize`). Publi
 datasets, ViT-B-16 at 16 shots, ImageNet as the source of the transfer tables, and for averages
 the paper's full list of datasets (or targets). `gap` is ours minus published, in points.
 
-Published rows exist for baselines only: `zeroshot` is compared with CLIP and `lora` with the
-CLIP-SVD authors' run of CLIP-LoRA (base-to-novel averages only; not the paper's Table 4 row (a)).
-GLAD's own tables were not available (glad_core/published/README.md): their published cells, and
-the whole published ablation, stay empty. Nothing is filled in.
+A method is compared with the published column its registry entry names (`MethodInfo.published`:
+`zeroshot` with CLIP, `lora` with the GLAD paper's CLIP-LoRA run, `glad` with GLAD, ...), and an
+ablation row with the same row of the paper's Table 4.
+
+HM follows the paper for every printed cell: per dataset, the HM of the seed-averaged base and novel
+accuracies; in the average row, the HM of the dataset-averaged ones (never a mean of per-seed HMs;
+the `std` of an HM cell is the spread of the per-seed HMs).
 """
 from __future__ import annotations
 
@@ -37,8 +40,6 @@ TABLES = {
     "domain_generalization": "Table 3: domain generalization",
     "ablation": "Table 4: ablation (base-to-novel, averaged over datasets)",
 }
-GLAD_NOTE = ("GLAD's own published results (the paper's Tables 1-4) are not available to this project "
-             "(see glad_core/published/README.md); they are left empty, never filled in.")
 _SINGLE = {"datasets": "dataset", "methods": "method", "seeds": "seed"}
 _COLUMNS = CELL_KEYS[:-1] + ["split", "mean", "std", "seeds", "published", "gap"]
 MISSING = "—"
@@ -121,7 +122,7 @@ def _average_over_datasets(df: pd.DataFrame) -> pd.DataFrame:
     """Base-to-novel rows of a pseudo-dataset 'average' per method and seed: base and novel averaged
     over the datasets, hm their harmonic mean (the papers' convention). Seeds missing a dataset
     of their method are left out, so every average covers the same datasets."""
-    keys = ["protocol", "method", "backbone", "shots"]
+    keys = ["protocol", "method", "backbone", "shots", "setting"]
     rows = []
     for k, g in df[df["split"].isin(["base", "novel"])].groupby(keys, sort=False):
         w = g.pivot_table(index="seed", columns=["split", "dataset"], values="acc").dropna()
@@ -129,6 +130,17 @@ def _average_over_datasets(df: pd.DataFrame) -> pd.DataFrame:
             rows += [{**dict(zip(keys, k)), "dataset": AVERAGE, "seed": seed, "split": s, "acc": v}
                      for s, v in zip(B2N_SPLITS, (base, novel, harmonic_mean(base, novel)))]
     return pd.DataFrame(rows, columns=CELL_KEYS + ["split", "acc"])
+
+
+def _paper_hm(t: pd.DataFrame) -> pd.DataFrame:
+    """HM cells as the paper prints them: the HM of the same row's (seed-averaged) base and novel means."""
+    keys = [k for k in t.columns if k not in ("split", "mean", "std", "seeds")]
+    wide = t.pivot_table(index=keys, columns="split", values="mean", sort=False)
+    hm = {k: 100 * harmonic_mean(b / 100, n / 100) for k, b, n in zip(wide.index, wide["base"], wide["novel"])}
+    out = t.copy()
+    rows = out["split"] == "hm"
+    out.loc[rows, "mean"] = [hm[k] for k in out.loc[rows, keys].itertuples(index=False, name=None)]
+    return out
 
 
 def _covers(df: pd.DataFrame, keys: list[str], column: str, expected: Iterable[str]) -> set[tuple]:
@@ -147,11 +159,12 @@ def base_to_novel_comparison(df: pd.DataFrame) -> pd.DataFrame:
     on every dataset of their backbone and shots (when there are several datasets)."""
     df = df[df["protocol"] == "base_to_novel"]
     t = summarize(df)
-    keys = ["method", "backbone", "shots"]
+    keys = ["method", "backbone", "shots", "setting"]
     every = set().union(*(_covers(g, keys, "dataset", set(g["dataset"]))
                           for _, g in df.groupby(["backbone", "shots"], sort=False)))
     if df["dataset"].nunique() > 1:  # averages of the methods run on every dataset of their setting
         t = pd.concat([t, summarize(_average_over_datasets(df[_in(df, keys, every)]))], ignore_index=True)
+    t = _paper_hm(t)
     full = _covers(df, keys, "dataset", PAPER_DATASETS)
     t = _ordered(t)
     comparable = (t["dataset"] != AVERAGE) | _in(t, keys, full)
@@ -164,7 +177,7 @@ def transfer_comparison(df: pd.DataFrame, protocol: str) -> pd.DataFrame:
     count (%), published value (source ImageNet only) and gap."""
     df = df[df["protocol"] == protocol]
     t = _ordered(summarize(df))
-    keys = ["dataset", "method", "backbone", "shots"]
+    keys = ["dataset", "method", "backbone", "shots", "setting"]
     targets = df[(df["split"] != df["dataset"]) & (df["split"] != AVERAGE)]
     full = _covers(targets, keys, "split", PAPER_TARGETS[protocol])
     comparable = (t["split"] != AVERAGE) | _in(t, keys, full)
@@ -174,20 +187,19 @@ def transfer_comparison(df: pd.DataFrame, protocol: str) -> pd.DataFrame:
 def ablation_comparison(df: pd.DataFrame) -> pd.DataFrame:
     """Table 4 as tidy rows: rows (a)-(e) of the ablation, and zero-shot as row '-', with base /
     novel / hm averaged over the datasets that every row of the same backbone and shots ran on
-    (`datasets` of them), then over seeds; published value and gap. The published ablation is
-    GLAD's own table: not available, so `published` stays empty."""
+    (`datasets` of them), then over seeds; published value (the paper's Table 4) and gap."""
     row_of = {"zeroshot": REFERENCE_ROW, **{m: r for r, m in ablation_rows().items()}}
     df = df[(df["protocol"] == "base_to_novel") & df["method"].isin(row_of)]
     common = [g[g["dataset"].isin(set.intersection(*(set(m["dataset"]) for _, m in g.groupby("method"))))]
               for _, g in df.groupby(["backbone", "shots"], sort=False)]  # datasets every row ran on
     df = pd.concat(common) if common else df
-    t = summarize(_average_over_datasets(df))
+    t = _paper_hm(summarize(_average_over_datasets(df)))
     t.insert(0, "row", t["method"].map(row_of))
-    counts = df.groupby(["method", "backbone", "shots"])["dataset"].nunique().rename("datasets").reset_index()
-    t = t.merge(counts, on=["method", "backbone", "shots"], how="left")
+    keys = ["method", "backbone", "shots", "setting"]
+    counts = df.groupby(keys)["dataset"].nunique().rename("datasets").reset_index()
+    t = t.merge(counts, on=keys, how="left")
     pub = published("ablation").melt(id_vars=["row"], value_vars=list(B2N_SPLITS), var_name="split",
                                      value_name="published")
-    keys = ["method", "backbone", "shots"]
     out = _with_published(t, pub, ["row", "split"], _in(t, keys, _covers(df, keys, "dataset", PAPER_DATASETS)))
     return out.sort_values("row", kind="stable")[["row", "datasets"] + _COLUMNS].reset_index(drop=True)
 
@@ -209,7 +221,7 @@ def display_table(t: pd.DataFrame) -> pd.DataFrame:
     columns `ours` ('mean ± std' over seeds), `published` and `gap` ('—' where there is none)."""
     if t.empty:
         return pd.DataFrame()
-    varying = [k for k in ("backbone", "shots") if t[k].nunique() > 1]
+    varying = [k for k in ("backbone", "shots", "setting") if t[k].nunique() > 1]
     index = (["row"] if "row" in t.columns else ["dataset"]) + varying + ["method", "seeds"] \
         + (["datasets"] if "datasets" in t.columns else [])
     cells = t.assign(
@@ -225,14 +237,14 @@ def published_note(t: pd.DataFrame) -> str:
     """How many reproduced numbers have a published counterpart, and the note on GLAD's rows."""
     matched = int(t["published"].notna().sum()) if len(t) else 0
     return (f"{matched} of {len(t)} reproduced numbers have a published counterpart (same datasets, "
-            f"{PAPER_BACKBONE[0]}, {PAPER_SHOTS} shots). {GLAD_NOTE}")
+            f"{PAPER_BACKBONE[0]}, {PAPER_SHOTS} shots).")
 
 
 def incomplete(t: pd.DataFrame) -> list[str]:
     """Settings of a comparison table that miss a split that others have (empty when complete)."""
     if t.empty:
         return []
-    keys = [k for k in ("row", "dataset", "method", "backbone", "shots") if k in t.columns]
+    keys = [k for k in ("row", "dataset", "method", "backbone", "shots", "setting") if k in t.columns]
     counts = t.groupby(keys, sort=False)["split"].nunique()
     return [" / ".join(map(str, k)) for k, n in counts.items() if n < counts.max()]
 
@@ -245,7 +257,7 @@ def bar_chart(t: pd.DataFrame, path: str | Path, title: str) -> Path:
     (and backbone / shots where those vary), methods along x, one bar per split (base / novel / hm, or source / targets / average) with the
     seed std as error bar; published values, where matched, as black ticks."""
     panel_of = t["dataset"].astype(str)
-    for key in ("backbone", "shots"):  # settings that vary get panels of their own
+    for key in ("backbone", "shots", "setting"):  # settings that vary get panels of their own
         if t[key].nunique() > 1:
             panel_of = panel_of + f", {key} " + t[key].astype(str)
     panels = list(dict.fromkeys(panel_of))
@@ -294,7 +306,7 @@ def _markdown(df: pd.DataFrame) -> str:
 
 
 def published_reference() -> dict[str, pd.DataFrame]:
-    """The published averages of every table (baselines, ViT-B/16, 16 shots) for context."""
+    """The published averages of every table (ViT-B/16, 16 shots), GLAD's included, for context."""
     out = {}
     for name in ("base_to_novel", "cross_dataset", "domain_generalization"):
         pub = published(name)
@@ -310,7 +322,8 @@ def write_report(tables: Mapping[str, pd.DataFrame], out_dir: str | Path, record
     lines = ["# GLAD reproduction report", "",
              f"{records} records. Reproduced accuracies are seed means ± std (%); `published` is the "
              f"published number of the same setting where one exists, `gap` = ours − published "
-             f"(points, {MISSING} = none).", "", f"**{GLAD_NOTE}**", ""]
+             f"(points, {MISSING} = none). HM as the paper computes it: of the seed- (and dataset-) "
+             f"averaged base and novel accuracies.", ""]
     for i, (name, t) in enumerate(tables.items(), 1):
         lines += [f"## {TABLES[name]}", ""]
         if t.empty:
@@ -319,10 +332,11 @@ def write_report(tables: Mapping[str, pd.DataFrame], out_dir: str | Path, record
         png = out_dir / f"table{i}_{name}.png"
         bar_chart(t, png, TABLES[name])
         lines += [_markdown(display_table(t)), "", published_note(t), "", f"![{TABLES[name]}]({png.name})", ""]
-    lines += ["## Published reference: averages (ViT-B/16, 16 shots, baselines)", ""]
+    lines += ["## Published reference: averages (ViT-B/16, 16 shots; GLAD paper, Tables 1-3)", ""]
     for name, ref in published_reference().items():
         lines += [f"### {TABLES[name]}", "", _markdown(ref), ""]
-    lines += ["Published ablation (Table 4): not available.", ""]
+    lines += [f"### {TABLES['ablation']}", "", _markdown(published("ablation").set_index("row")[
+        ["method", *B2N_SPLITS]]), ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -35,11 +35,12 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 32,
     "lr": 1e-3,
     "weight_decay": 0.01,
-    "kl_weight": 1.0,         # λ; 0 turns the KL term off
+    "kl_weight": 0.0,         # λ of the KL term to the zero-shot model; 0 = cross-entropy only
     "rho": 0.1,
     "alpha": 0.5,
     "delta": 1e-12,
     "aug_scale_min": 0.5,     # RandomResizedCrop scale range (aug_scale_min, 1)
+    "aug_flip": False,        # random horizontal flip of training images
     "device": "auto",         # "auto" = cuda if available, else cpu
     "precision": "auto",      # "auto" = bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
     "num_workers": 0,
@@ -63,6 +64,7 @@ class TrainConfig:
     alpha: float | None = None
     delta: float | None = None
     aug_scale_min: float | None = None
+    aug_flip: bool | None = None
     device: str | None = None
     precision: str | None = None
     num_workers: int | None = None
@@ -110,12 +112,15 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
-def train_transform(clip: nn.Module, scale_min: float = 0.5) -> Callable:
-    """open_clip's training transform for this model (random resized crop, its mean / std)."""
+def train_transform(clip: nn.Module, scale_min: float = 0.5, flip: bool = False) -> Callable:
+    """open_clip's training transform for this model (bicubic random resized crop, its mean / std),
+    after a random horizontal flip when `flip` (CoOp's and CLIP-LoRA's augmentation with scale_min 0.08)."""
     from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
+    from torchvision import transforms
 
     cfg = PreprocessCfg(**clip.visual.preprocess_cfg)
-    return image_transform_v2(cfg, is_train=True, aug_cfg=AugmentationCfg(scale=(scale_min, 1.0)))
+    base = image_transform_v2(cfg, is_train=True, aug_cfg=AugmentationCfg(scale=(scale_min, 1.0)))
+    return transforms.Compose([transforms.RandomHorizontalFlip(), base]) if flip else base
 
 
 @dataclass
@@ -198,18 +203,22 @@ class Step:
 
 
 def train(method: Method, items: Sequence[Datum], classnames: Sequence[str], templates: Sequence[str],
-          checkpoint: str | Path | None = None, progress: bool = True) -> TrainResult:
-    """Tune `method` on `items` with its config; resumes from `checkpoint` (saved every epoch) if present."""
+          checkpoint: str | Path | None = None, progress: bool = True, steps: int | None = None) -> TrainResult:
+    """Tune `method` on `items` with its config; resumes from `checkpoint` (saved every epoch) if present.
+
+    `steps`: train for this many iterations (epochs as needed, the last one cut short) instead of
+    `cfg.epochs` epochs."""
     cfg = method.cfg
     device = resolve_device(cfg.device)
     method.to(device)
     params = method.trainable()
     if not params:
         return TrainResult()
-    loader_set = ImageDataset(items, train_transform(method.clip, cfg.aug_scale_min))
+    loader_set = ImageDataset(items, train_transform(method.clip, cfg.aug_scale_min, cfg.aug_flip))
     steps_per_epoch = math.ceil(len(loader_set) / cfg.batch_size)
+    total = steps or cfg.epochs * steps_per_epoch
     optimizer = method.optimizer(params)
-    scheduler = method.scheduler(optimizer, cfg.epochs * steps_per_epoch)
+    scheduler = method.scheduler(optimizer, total)
     result, start_epoch = TrainResult(), 0
     if checkpoint is not None and Path(checkpoint).exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
@@ -222,15 +231,16 @@ def train(method: Method, items: Sequence[Datum], classnames: Sequence[str], tem
 
     method.train()
     t0 = time.perf_counter() - result.seconds
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
-               desc=f"train {cfg.method}", disable=not progress, leave=False)
-    for epoch in range(start_epoch, cfg.epochs):
+    bar = tqdm(total=total, initial=result.steps, desc=f"train {cfg.method}", disable=not progress, leave=False)
+    for epoch in range(start_epoch, math.ceil(total / steps_per_epoch)):
         torch.manual_seed(cfg.seed * 1000 + epoch)  # per-epoch seeding: a resumed run is identical
         loader = torch.utils.data.DataLoader(loader_set, batch_size=cfg.batch_size, shuffle=True,
                                              num_workers=cfg.num_workers,
                                              generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         loss_sum, correct, seen = 0.0, 0, 0
         for images, labels in loader:
+            if result.steps == total:
+                break
             images, labels = images.to(device), labels.to(device)
             first_logits: list[torch.Tensor] = []
             loss = step(images, labels, first_logits)

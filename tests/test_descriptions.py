@@ -163,18 +163,19 @@ def test_retrieval_matches_direct_argmax():
 
 
 def test_frozen_image_features_ignore_lora(tmp_path, tiny_clip):
-    from glad_core.train import GladModel, TrainConfig, image_features
+    from glad_core.methods import build
+    from glad_core.train import TrainConfig, image_features
 
     clip, preprocess, tok = tiny_clip
     items = []
     for i in range(3):
         Image.new("RGB", (32, 32), (80 * i, 40, 200 - 60 * i)).save(tmp_path / f"{i}.png")
         items.append(Datum(str(tmp_path / f"{i}.png"), i, str(i)))
-    frozen = GladModel(clip, tok, TrainConfig(method="zeroshot", device="cpu"))
+    frozen = build(clip, tok, TrainConfig(method="zeroshot", device="cpu"))
     before = image_features(frozen, items, preprocess, progress=False)[0]
-    model = GladModel(clip, tok, TrainConfig(method="lora", device="cpu"))
+    model = build(clip, tok, TrainConfig(method="lora", device="cpu"))
     with torch.no_grad():
-        for p in model.lora_params:
+        for p in model.trainable():
             p.normal_()
     tuned = image_features(model, items, preprocess, progress=False)[0]
     assert not torch.allclose(tuned, before, atol=1e-3)

@@ -12,6 +12,7 @@ from glad_core.methods import REGISTRY, Method, ablation_rows, build, load_train
 from glad_core.methods.base import Hparam
 from glad_core.train import TrainConfig, evaluate, train
 from glad_core.checks import in_range
+from glad_core.lora import lora_disabled
 
 CLASSES, TEMPLATES = ["red", "green", "blue"], ["a photo of {}."]
 
@@ -37,7 +38,8 @@ def _logits(method: Method, images: torch.Tensor) -> torch.Tensor:
 
 def test_registry_names_rows_and_published_columns():
     assert list(REGISTRY)[:6] == ["zeroshot", "lora", "lora+sam", "lora+gradreg", "lora+alignnet", "glad"]
-    assert ablation_rows() == {"a": "lora", "b": "lora+sam", "c": "lora+gradreg", "d": "lora+alignnet", "e": "glad"}
+    assert ablation_rows() == {"a": "lora", "b": "lora+sam", "c": "lora+gradreg", "d": "lora+alignnet", "e": "glad",
+                               "e-kl": "glad-nokl"}
     assert {REGISTRY[m].published for m in ("zeroshot", "lora", "glad")} == {"clip", "clip_lora", "glad"}
     with pytest.raises(ValueError, match="registered twice"):
         register("glad")(Method)
@@ -58,10 +60,11 @@ def test_zero_shot_switch_turns_every_trained_part_off(tiny_clip, name):
     """Inside zero_shot() the logits are those of the untouched backbone, computed directly."""
     clip, _, tok = tiny_clip
     images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        text = F.normalize(clip.encode_text(tok([TEMPLATES[0].format(c) for c in CLASSES])), dim=-1)
-        expected = clip.logit_scale.exp() * F.normalize(clip.encode_image(images), dim=-1) @ text.T
     method = _method(tiny_clip, name)
+    template = method.hp.get("template", TEMPLATES[0])  # a method with one template of its own uses it
+    with torch.no_grad(), lora_disabled(clip):
+        text = F.normalize(clip.encode_text(tok([template.format(c) for c in CLASSES])), dim=-1)
+        expected = clip.logit_scale.exp() * F.normalize(clip.encode_image(images), dim=-1) @ text.T
     _perturb(method)
     method.eval()
     tuned = _logits(method, images)
@@ -158,3 +161,79 @@ def test_a_new_method_is_one_class_and_runs_through_the_shared_loop(tiny_clip, t
         assert set(method.trained_state()) == {"shift"}
     finally:
         REGISTRY.pop("class-bias")
+
+
+def test_kl_weight_is_a_per_method_default():
+    """Row (a) is the original LoRA (CE only), rows (b)-(d) add one component each; GLAD is CE + KL."""
+    weights = {m: TrainConfig(method=m).kl_weight for m in ("lora", "lora+sam", "lora+gradreg", "lora+alignnet",
+                                                            "glad", "glad-nokl", "clip_lora")}
+    assert weights == {"lora": 0.0, "lora+sam": 0.0, "lora+gradreg": 0.0, "lora+alignnet": 0.0, "glad": 1.0,
+                       "glad-nokl": 0.0, "clip_lora": 0.0}
+    assert TrainConfig(method="lora", kl_weight=0.5).kl_weight == 0.5  # a given value wins
+
+
+def test_clip_lora_recipe(tiny_clip, tmp_path):
+    """CLIP-LoRA's recipe: scale α/√r, AdamW betas and decay, cosine to min_lr over iterations_per_shot x shots,
+    one template, CE only, crop 0.08-1 with flip."""
+    from PIL import Image
+
+    from glad_core.data import Datum
+    from glad_core.lora import LoRA
+
+    method = _method(tiny_clip, "clip_lora", hparams={"iterations_per_shot": 3}, batch_size=2)
+    cfg = method.cfg
+    assert (cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.kl_weight, cfg.aug_scale_min, cfg.aug_flip) == (
+        2e-4, 1e-2, 2, 0.0, 0.08, True)
+    scales = {m.scale for m in method.clip.modules() if isinstance(m, LoRA)}
+    assert len(scales) == 1 and scales.pop() == pytest.approx(1 / 2 ** 0.5)
+    assert {m.lora_A.shape[0] for m in method.clip.modules() if isinstance(m, LoRA)} == {2}
+    opt = method.optimizer(method.trainable())
+    assert opt.defaults["betas"] == (0.9, 0.999) and isinstance(opt, torch.optim.AdamW)
+    clip, _, tok = tiny_clip
+    with torch.no_grad():  # one template for every dataset, whatever the dataset's templates are
+        expected = F.normalize(clip.encode_text(tok([f"a photo of a {c}." for c in CLASSES])), dim=-1)
+        torch.testing.assert_close(method.class_features(CLASSES, ["itap of a {}.", "art of {}."]), expected)
+    items = []
+    for label in range(3):
+        for i in range(2):  # 2 shots
+            path = tmp_path / f"{label}_{i}.png"
+            Image.new("RGB", (32, 32), (80 * label, 60 * i, 40)).save(path)
+            items.append(Datum(str(path), label, CLASSES[label]))
+    res = method.fit(items, CLASSES, TEMPLATES, progress=False)
+    assert res.steps == 3 * 2  # iterations_per_shot x shots, over 2 epochs of 3 batches
+    assert res.history[-1]["lr"] == pytest.approx(1e-6)  # cosine down to min_lr at the last step
+
+
+def test_method_settings_in_parameter_files():
+    from glad_core import params as P
+
+    p = {"datasets": ["tuxpaint"], "methods": ["glad", "clip_lora"], "lr": 1e-3, "rank": 4,
+         "method_settings": {"clip_lora": {"lr": 2e-4, "iterations_per_shot": 10}}}
+    glad, clip_lora = (c.train for c in P.cells(p))
+    assert (glad.lr, glad.hparams["rank"]) == (1e-3, 4)  # flat keys: every method declaring them
+    assert (clip_lora.lr, clip_lora.hparams["rank"], clip_lora.hparams["iterations_per_shot"]) == (2e-4, 4, 10)
+    assert glad.kl_weight == 1.0 and clip_lora.kl_weight == 0.0  # unset: each method's own default
+    with pytest.raises(P.ParamError, match=r"method_settings.glad.n_ctx.*not a setting of method 'glad'"):
+        P.validate({**p, "method_settings": {"glad": {"n_ctx": 4}}})
+    with pytest.raises(P.ParamError, match="unknown method"):
+        P.validate({**p, "method_settings": {"gald": {}}})
+    with pytest.raises(P.ParamError, match=r"'method_settings.glad.rank' = 0 is invalid"):
+        P.validate({**p, "method_settings": {"glad": {"rank": 0}}})
+    P.validate({"datasets": ["tuxpaint"], "backbone": "hf-hub:timm/ViT-B-16-SigLIP"})  # what load_backbone takes
+
+
+def test_report_hm_is_the_hm_of_seed_averaged_base_and_novel():
+    """The paper's convention, against a direct computation: HM(mean base, mean novel), not mean of HMs."""
+    import pandas as pd
+
+    from glad_core.report import base_to_novel_comparison
+
+    rows = []
+    for seed, (b, n) in enumerate([(0.9, 0.5), (0.6, 0.8)], 1):
+        for split, acc in (("base", b), ("novel", n), ("hm", 2 * b * n / (b + n))):
+            rows.append({"protocol": "base_to_novel", "dataset": "tuxpaint", "method": "glad", "backbone": "x",
+                         "shots": 4, "setting": "", "seed": seed, "split": split, "acc": acc, "record": f"r{seed}"})
+    t = base_to_novel_comparison(pd.DataFrame(rows)).set_index("split")
+    b, n = 100 * (0.9 + 0.6) / 2, 100 * (0.5 + 0.8) / 2
+    assert t.loc["hm", "mean"] == pytest.approx(2 * b * n / (b + n))
+    assert t.loc["hm", "mean"] != pytest.approx(100 * (2 * .9 * .5 / 1.4 + 2 * .6 * .8 / 1.4) / 2)

@@ -382,6 +382,48 @@ def test_same_parameters_and_seed_give_identical_records(tiny_config, data_root,
     assert records[0] == records[1]
 
 
+def test_a_changed_parameter_trains_anew_and_an_unchanged_one_is_reused(tiny_config, data_root, tmp_path):
+    """The record's address names every parameter that changes it: alpha 0.5 -> 0.3 is a new record
+    beside the old one; the same parameters again reuse the record without touching it."""
+    cells = {}
+    for alpha in (0.5, 0.3):
+        (cells[alpha],) = P.cells(_cell_params(tiny_config, data_root, tmp_path, alpha=alpha, epochs=1))
+    first = run_cell(cells[0.5], progress=False)
+    stamp = cells[0.5].record_path.stat().st_mtime_ns
+    assert cells[0.3].record_path != cells[0.5].record_path and not cells[0.3].record_path.exists()
+    second = run_cell(cells[0.3], progress=False)
+    assert {first["params"]["alpha"], second["params"]["alpha"]} == {0.5, 0.3}
+    assert cells[0.5].record_path.exists() and cells[0.3].record_path.exists()
+    assert run_cell(cells[0.5], progress=False)["metrics"] == first["metrics"]
+    assert cells[0.5].record_path.stat().st_mtime_ns == stamp  # read, not rerun
+    # what does not change the numbers keeps the address: the device, evaluation batching, the data's place
+    (same,) = P.cells(_cell_params(tiny_config, data_root, tmp_path, alpha=0.5, epochs=1, eval_batch_size=7,
+                                   device="auto"))
+    assert same.record_path == cells[0.5].record_path
+    from glad_core.results import collect
+    df = collect(tmp_path)
+    assert sorted(set(df["setting"])) == ["alpha=0.3", "alpha=0.5"]  # reported apart, never averaged
+
+
+def test_cli_bad_input_is_one_error_line_with_the_fix(tmp_path):
+    """Missing dataset folder, missing split file, unreadable weights: exit 2, `error: ...`, no traceback."""
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "glad_core", "run", "--protocol", "base_to_novel",
+                               "--methods", "zeroshot", "--shots", "1", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+
+    no_folder = run("--datasets", "eurosat", "--data-root", str(tmp_path / "nowhere"))
+    (tmp_path / "data" / "eurosat" / "2750").mkdir(parents=True)
+    no_split = run("--datasets", "eurosat", "--data-root", str(tmp_path / "data"))
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"not a checkpoint")
+    bad_weights = run("--datasets", "tuxpaint", "--backbone", "RN50", "--pretrained", str(weights))
+    for r, words in ((no_folder, "eurosat"), (no_split, "split"), (bad_weights, str(weights))):
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+        assert words in r.stderr, r.stderr
+
+
 # ----------------------------------------------------------------------------- failures
 
 
@@ -396,7 +438,7 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_last_checkpoint(tiny_c
     assert "non-finite loss" in msg and "epoch 2" in msg and str(ckpt) in msg, msg
     state = torch.load(ckpt, weights_only=False)
     assert state["epoch"] == 0 and len(state["result"]["history"]) == 1
-    assert all(torch.isfinite(t).all() for t in state["adapter"].values())
+    assert all(torch.isfinite(t).all() for t in state["trained"].values())
     assert [p.name for p in tmp_path.iterdir()] == ["data", "run.ckpt"]  # no temp file left behind
 
 

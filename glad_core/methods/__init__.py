@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable
 
 from torch import nn
 
-from . import glad  # noqa: F401  (registers its names)
+from . import clip_lora, glad  # noqa: F401  (each registers its names)
 from .base import REGISTRY, Hparam, Method, MethodInfo, load_trained, method_info, register, save_trained
 
 if TYPE_CHECKING:
@@ -22,7 +22,7 @@ __all__ = ["REGISTRY", "Hparam", "Method", "MethodInfo", "build", "load_trained"
 def build(clip: nn.Module, tokenizer: Callable, cfg: "TrainConfig") -> Method:
     """The method named by `cfg.method`, on `clip` (which it freezes and may modify in place)."""
     info = method_info(cfg.method)
-    options = {k: v for k, v in info.options.items() if k != "defaults"}
+    options = {k: v for k, v in info.options.items() if k != "defaults"}  # defaults go to TrainConfig
     return info.cls(clip, tokenizer, cfg, **options)
 
 
