@@ -70,15 +70,21 @@ def meta_net(d_image: int, d_token: int, reduction: int = 16) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_image, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, d_token))
 
 
-def _pieces(tokenizer: Callable, texts: Sequence[str], length: int) -> tuple[list[list[int]], list[int]]:
-    """Each text's token ids without start and end tokens (untruncated up to `length`), and the token ids
-    of the empty text: [start, end, padding]."""
+def _tokenize(tokenizer: Callable, texts: Sequence[str], length: int) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Token ids [N, length] of the texts (untruncated up to `length`), each text's used length (start and
+    end tokens included), and the ids of the empty text: [start, end, padding]."""
     empty = tokenizer([""], context_length=length)[0, :3].tolist()
     if empty[1] in (empty[0], empty[2]):
         raise ValueError("prompt learning needs a tokenizer that adds one start and one end token "
                          f"(open_clip's CLIP or BERT-style tokenizers); '' gives {empty}")
-    rows = tokenizer(list(texts), context_length=length).tolist()
-    return [r[1:len(r) - 1 - r[::-1].index(empty[1])] for r in rows], empty
+    ids = tokenizer(list(texts), context_length=length)
+    return ids, [len(r) - r[::-1].index(empty[1]) for r in ids.tolist()], empty
+
+
+def _content(tokenizer: Callable, text: str, length: int) -> list[int]:
+    """Token ids of `text` without its start and end tokens."""
+    ids, (n,), _ = _tokenize(tokenizer, [text], length)
+    return ids[0, 1:n - 1].tolist()
 
 
 class PromptLearner(nn.Module):
@@ -113,31 +119,28 @@ class PromptLearner(nn.Module):
         if n_ctx < 1:
             raise ValueError(f"n_ctx must be at least 1, got {n_ctx}")
         self.n_ctx = n_ctx
-        (placeholder, period, *names), (sos, eos, pad) = _pieces(tokenizer, [PLACEHOLDER, ".", *self.classnames], long)
+        placeholder, period = _content(tokenizer, PLACEHOLDER, long), _content(tokenizer, ".", long)
         if len(placeholder) != 1:
             raise ValueError(f"the tokenizer splits the placeholder {PLACEHOLDER!r} into {len(placeholder)} tokens")
-        init_ids = _pieces(tokenizer, [init], long)[0][0] if init is not None else None
+        init_ids = _content(tokenizer, init, long) if init is not None else None
         if init_ids is not None and len(init_ids) != n_ctx:
             raise ValueError(f"init phrase {init!r} has {len(init_ids)} tokens but n_ctx={n_ctx}; "
                              f"pass n_ctx={len(init_ids)} or another phrase")
-        lengths = [2 + n_ctx + len(k) + len(period) for k in names]
-        worst = max(range(len(names)), key=lambda i: lengths[i])
+        # The literal prompts "X X X X {class}." as the tokenizer splits them (a class name may merge with
+        # the '.' after it); the context replaces exactly the n_ctx placeholder positions.
+        tokens, lengths, _ = _tokenize(tokenizer, [self.layout(c) for c in self.classnames], long)
+        worst = max(range(len(lengths)), key=lambda i: lengths[i])
         if lengths[worst] > limit:
             raise ValueError(
-                f"the prompt of class {self.classnames[worst]!r} needs {lengths[worst]} tokens (start and end "
-                f"tokens, n_ctx={n_ctx} context, {len(names[worst])} for the class name, {len(period)} for '.') "
-                f"but the text tower's context length is {limit}: use n_ctx <= {limit - lengths[worst] + n_ctx}")
-        # The literal prompts "X X X X {class}." must tokenize as their parts, so that the context
-        # replaces exactly the n_ctx placeholder positions.
-        tokens = tokenizer([self.layout(c) for c in self.classnames], context_length=long)
-        for c, (row, k) in enumerate(zip(tokens.tolist(), names)):
-            expected = [sos, *self._arrange(placeholder * n_ctx, k), *period, eos, pad]
-            if row[:len(expected)] != expected:
-                raise ValueError(f"the tokenizer splits {self.layout(self.classnames[c])!r} into {row[:len(expected)]}"
-                                 f", not as its parts ({PLACEHOLDER!r}, the class name, '.'): {expected}")
+                f"the prompt of class {self.classnames[worst]!r} needs {lengths[worst]} tokens (n_ctx={n_ctx} "
+                f"context, {lengths[worst] - n_ctx} for the start and end tokens, the class name and '.') but "
+                f"the text tower's context length is {limit}: use n_ctx <= {limit - lengths[worst] + n_ctx}")
+        positions = [self._ctx_positions(n - 1 - len(period)) for n in lengths]
+        for c, (row, n, pos) in enumerate(zip(tokens.tolist(), lengths, positions)):
+            if any(row[p] != placeholder[0] for p in pos):
+                raise ValueError(f"the tokenizer splits {self.layout(self.classnames[c])!r} into {row[:n]}: the "
+                                 f"placeholders {PLACEHOLDER!r} are not at the expected positions {pos}")
         tokens = tokens[:, :max(lengths)]
-        positions = [[1 + i for i, is_ctx in enumerate(self._arrange([True] * n_ctx, [False] * len(k))) if is_ctx]
-                     for k in names]
         device = embed.weight.device
         tokens = tokens.to(device)
         self.register_buffer("tokens", tokens, persistent=False)
@@ -145,21 +148,24 @@ class PromptLearner(nn.Module):
         self.register_buffer("ctx_positions", torch.tensor(positions, device=device), persistent=False)
         with torch.no_grad():
             self.register_buffer("embeddings", embed(tokens).detach(), persistent=False)
-            shape = (len(names), n_ctx, embed.embedding_dim) if class_specific else (n_ctx, embed.embedding_dim)
+            shape = (len(self.classnames), n_ctx, embed.embedding_dim) if class_specific else (n_ctx, embed.embedding_dim)
             if init_ids is None:
                 ctx = torch.randn(shape, device=device) * std
             else:
                 ctx = embed(torch.tensor(init_ids, device=device)).float().expand(shape)
         self.ctx = nn.Parameter(ctx.float().clone())
 
-    def _arrange(self, ctx: list, name: list) -> list:
-        """The context and the class name in prompt order (CoOp's class-token positions)."""
-        half = self.n_ctx // 2
-        return {"end": ctx + name, "front": name + ctx, "middle": ctx[:half] + name + ctx[half:]}[self.position]
-
     def layout(self, classname: str) -> str:
         """The literal prompt of a class, placeholders where the context goes ("X X X X cat.")."""
-        return " ".join(self._arrange([PLACEHOLDER] * self.n_ctx, [classname])) + "."
+        x, half = [PLACEHOLDER] * self.n_ctx, self.n_ctx // 2
+        return " ".join({"end": x + [classname], "front": [classname] + x,
+                         "middle": x[:half] + [classname] + x[half:]}[self.position]) + "."
+
+    def _ctx_positions(self, tail: int) -> list[int]:
+        """Context token positions in a prompt whose '.' starts at `tail` (start token at 0)."""
+        M, half = self.n_ctx, self.n_ctx // 2
+        first = {"end": M, "front": 0, "middle": half}[self.position]  # context tokens before the class name
+        return list(range(1, 1 + first)) + list(range(tail - (M - first), tail))
 
     @property
     def d_token(self) -> int:
