@@ -2,7 +2,7 @@
 
     python benchmarks/prompts.py                     # glad-mini, batch 8, 50 classes; memory on 1000 classes
     python benchmarks/prompts.py --model ViT-B-16    # any open_clip model (random init)
-    python benchmarks/prompts.py --device cuda       # step times on a GPU (memory rows need the CPU)
+    python benchmarks/prompts.py --device cuda --sections speed   # step times on a GPU
     python benchmarks/prompts.py --smoke             # tiny model, one round: checks the script runs
 
 CoCoOp gives every image its own context v_m + π(f(x)), hence its own class embeddings [B, C, D].
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=1000, help="prompts per text-tower call in chunked evaluation")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory rows")
+    parser.add_argument("--sections", default="speed,memory", help="comma-separated: speed, memory")
     parser.add_argument("--smoke", action="store_true", help="tiny model, one round, small sizes")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -215,9 +215,11 @@ def main(argv: list[str] | None = None) -> int:
             (Path(config_dir) / f"{SMOKE_MODEL}.json").write_text(json.dumps(SMOKE_CONFIG))
             args.model, args.batch, args.classes, args.rounds, args.eval_batch, args.chunk = SMOKE_MODEL, 2, 5, 1, 2, 500
         cfg = config_dir if args.smoke else None
-        clip, tokenizer = load(args.model, args.device, cfg)
-        rows = speed_rows(args.model, clip, tokenizer, args.batch, args.classes, args.rounds, args.device)
-        if not args.no_memory:
+        sections, rows = args.sections.split(","), []
+        if "speed" in sections:
+            clip, tokenizer = load(args.model, args.device, cfg)
+            rows += speed_rows(args.model, clip, tokenizer, args.batch, args.classes, args.rounds, args.device)
+        if "memory" in sections:
             rows += memory_rows(args.model, args.eval_batch, args.chunk, args.threads, cfg)
     print(table(args.model, rows))
     return 0

@@ -144,7 +144,7 @@ class PromptLearner(nn.Module):
         device = embed.weight.device
         tokens = tokens.to(device)
         self.register_buffer("tokens", tokens, persistent=False)
-        self.register_buffer("lengths", torch.tensor(lengths, device=device), persistent=False)
+        self.lengths = torch.tensor(lengths)  # on the CPU: chunk lengths without a device sync
         self.register_buffer("ctx_positions", torch.tensor(positions, device=device), persistent=False)
         with torch.no_grad():
             self.register_buffer("embeddings", embed(tokens).detach(), persistent=False)
@@ -185,17 +185,17 @@ class PromptLearner(nn.Module):
         B = 1 if shift is None else shift.shape[0]
         if chunk is not None and chunk < 1:
             raise ValueError(f"chunk must be a positive number of prompts, got {chunk}")
-        rows = torch.arange(B * C, device=self.tokens.device)
-        feats = [self._encode(r // C, r % C, shift) for r in rows.split(chunk or B * C)]
+        feats = [self._encode(r // C, r % C, shift) for r in torch.arange(B * C).split(chunk or B * C)]
         f = F.normalize(torch.cat(feats), dim=-1).view(B, C, -1)
         return f[0] if shift is None else f
 
     def _encode(self, b: torch.Tensor, c: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
-        """Features of the prompts (image b[i], class c[i]) at their common used length."""
+        """Features of the prompts (image b[i], class c[i]; CPU indices) at their common used length."""
+        n = int(self.lengths[c].max())
+        b, c = b.to(self.tokens.device), c.to(self.tokens.device)
         ctx = self.ctx[c] if self.class_specific else self.ctx.expand(len(c), -1, -1)
         if shift is not None:
             ctx = ctx + shift[b]
-        n = int(self.lengths[c].max())
         x = self.embeddings[c, :n]
         x = x.scatter(1, self.ctx_positions[c, :, None].expand(-1, -1, x.shape[-1]), ctx.to(x.dtype))
         return encode_embeddings(self.clip, x, self.tokens[c, :n])
