@@ -22,7 +22,7 @@ def trim_padding(tokens: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
     return tokens[:, : int(used.max()) + 1] if len(used) else tokens[:, :1]
 
 
-def _causal_text(model: nn.Module) -> nn.Module | None:
+def causal_text_tower(model: nn.Module) -> nn.Module | None:
     """The module holding a CLIP-style causal text transformer (CLIP itself, or its TextTransformer)."""
     text = getattr(model, "text", None)
     if isinstance(text, TextTransformer) and text.cls_emb is None and not text.use_pad_mask:
@@ -34,14 +34,21 @@ def _causal_text(model: nn.Module) -> nn.Module | None:
 
 def encode_text(model: nn.Module, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     """`model.encode_text(tokens)` computed on the tokens' used length only."""
-    t = _causal_text(model)
+    t = causal_text_tower(model)
     if t is None:  # Hugging Face towers and others: padding is masked, trimming alone suffices
         pad = getattr(getattr(getattr(model, "text", None), "config", None), "pad_token_id", 0) or 0
         return model.encode_text(trim_padding(tokens, pad), normalize=normalize)
     tokens = trim_padding(tokens)
+    x = causal_text_forward(t, t.token_embedding(tokens), tokens)
+    return F.normalize(x, dim=-1) if normalize else x
+
+
+def causal_text_forward(t: nn.Module, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The causal tower `t` after its token-embedding lookup: embeddings x [N, n, d] of `tokens` [N, n]
+    (used for pooling at the end-of-text token) to unnormalised text features [N, D]."""
     n = tokens.shape[1]
     cast = t.transformer.get_cast_dtype()
-    x = t.token_embedding(tokens).to(cast) + t.positional_embedding[:n].to(cast)
+    x = x.to(cast) + t.positional_embedding[:n].to(cast)
     mask = t.attn_mask[:n, :n] if t.attn_mask is not None else None
     x = t.ln_final(t.transformer(x, attn_mask=mask))
     pool = getattr(t, "text_pool_type", None) or getattr(t, "pool_type", "argmax")
@@ -49,7 +56,7 @@ def encode_text(model: nn.Module, tokens: torch.Tensor, normalize: bool = True) 
     x = text_global_pool(x, tokens, pool, eos_token_id=eos)
     if t.text_projection is not None:
         x = t.text_projection(x) if isinstance(t.text_projection, nn.Linear) else x @ t.text_projection
-    return F.normalize(x, dim=-1) if normalize else x
+    return x
 
 
 Template = Union[str, Callable[[str], str]]
