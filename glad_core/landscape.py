@@ -78,7 +78,7 @@ class FixedBatchLoss:
         for (images, labels), log_p_zs in zip(self.batches, self.log_p_zs):
             with sdpa_kernel(SDPBackend.MATH):
                 logits, text = self.step.forward(images)
-                term = len(labels) / self.n * self.method.loss(logits, labels, log_p_zs, text)
+                term = len(labels) / self.n * self.method.loss(logits, labels, log_p_zs, text, self.step.zs_text)
             yield term
 
     def __call__(self) -> torch.Tensor:

@@ -189,7 +189,7 @@ class Step:
         def closure() -> torch.Tensor:
             with self.autocast():
                 logits, text = self.forward(images)
-                loss = self.method.loss(logits, labels, log_p_zs, text)
+                loss = self.method.loss(logits, labels, log_p_zs, text, self.zs_text)
             if first_logits is not None and not first_logits:
                 first_logits.append(logits.detach())
             return loss

@@ -175,8 +175,9 @@ class Method(nn.Module):
 
     # --- how it trains -------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, log_p_zs: torch.Tensor | None,
-             text: torch.Tensor | None = None) -> torch.Tensor:
-        """CE(logits, y) + λ·KL(p_zero-shot ‖ p), λ = `cfg.kl_weight` (`text`: the batch's class embeddings)."""
+             text: torch.Tensor | None = None, zs_text: torch.Tensor | None = None) -> torch.Tensor:
+        """CE(logits, y) + λ·KL(p_zero-shot ‖ p), λ = `cfg.kl_weight` (`text`: the batch's class embeddings,
+        `zs_text`: the zero-shot ones, [C, D], for methods whose loss uses them)."""
         return tuning_loss(logits, labels, log_p_zs, self.cfg.kl_weight)
 
     def optimizer(self, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
