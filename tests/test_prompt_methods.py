@@ -89,3 +89,26 @@ def test_kgcoop_term_against_a_direct_computation(tiny_clip):
         ((text[c] - hand[c]) ** 2).sum() for c in range(3)) / 3
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert (text - hand).abs().max() > 1e-4  # the term is not vacuous
+
+
+@pytest.mark.parametrize("protocol", ["base_to_novel", "cross_dataset", "domain_generalization"])
+def test_prompt_methods_run_in_every_protocol_on_an_open_clip_model(tiny_config, protocol, tmp_path):
+    """coop, cocoop and kgcoop end to end (train, save, evaluate, record) on a tiny open_clip CLIP and
+    the embedded Tux Paint photos; glad-mini runs them in the smoke notebooks."""
+    from glad_core import params as P
+    from glad_core.demo_data import DemoDataUnavailable, prepare_demo_data
+    from glad_core.protocols import run_cell
+
+    try:
+        prepare_demo_data(names=["tuxpaint", "clipart10"])
+    except DemoDataUnavailable as e:
+        pytest.skip(f"demo data unavailable here: {e}")
+    p = {"protocol": protocol, "datasets": ["tuxpaint"], "methods": ["coop", "cocoop", "kgcoop"], "shots": 1,
+         "epochs": 1, "batch_size": 4, "backbone": tiny_config, "pretrained": None, "device": "cpu",
+         "results_dir": str(tmp_path), "targets": [] if protocol == "base_to_novel" else ["clipart10"]}
+    for cell in P.cells(p):
+        rec = run_cell(cell, progress=False)
+        steps = 2 if protocol == "base_to_novel" else 3  # 1 shot of 5 base (10) classes, 4 per batch
+        assert rec["train"]["steps"] == steps and 0 <= min(rec["metrics"].values()) <= 1
+        assert set(rec["metrics"]) == ({"base", "novel", "hm"} if protocol == "base_to_novel"
+                                       else {"tuxpaint", "clipart10", "average"})
