@@ -273,6 +273,17 @@ def log_times(name: str, times: dict[str, list[float]]) -> None:
         print(f"    {name} {key}: " + " ".join(f"{x:.3f}" for x in ts), flush=True)
 
 
+def coop_row(name: str, untouched: nn.Module, tokenizer: Callable, lora: StepBench, s: Settings) -> Row:
+    """A CoOp step (context through the frozen text tower) against a LoRA step, same model and batch."""
+    coop = StepBench(copy.deepcopy(untouched), tokenizer, s, method="coop")
+    t = interleave({"lora": lora.step("none", kl=False), "coop": coop.step("none", kl=False)}, s.step_rounds,
+                   warmup=("lora", "coop"))
+    log_times(name, t)
+    r, note = ratio(t, "coop", "lora")
+    return Row(name, "9a", "CoOp step / LoRA step (4 context tokens; LoRA r 8 on both towers; no KL)", f"{r:.3f}",
+               "report", None, note)
+
+
 def text_rows(name: str, sb: StepBench, s: Settings) -> list[Row]:
     """The text-tower part of target 4: cost against the longest prompt, and equal features."""
     t = interleave({"trim": sb.text_pass(False), "full": sb.text_pass(True)}, s.text_rounds, warmup=("trim", "full"))
@@ -540,6 +551,7 @@ def bench_model(name: str, loaded: tuple[nn.Module, Callable, Callable], s: Sett
     is_hf = isinstance(getattr(clip, "text", None), HFTextEncoder)  # its own HF tower is checked in 4c already
     sections: list[tuple[str, Callable[[], list[Row]]]] = [
         ("training steps", lambda: step_rows(name, sb, s)),
+        ("prompt learning", lambda: [coop_row(name, untouched, tokenizer, sb, s)]),
         ("text tower", lambda: text_rows(name, sb, s) + ([] if is_hf else [hf_equality_row(name, smoke)])),
         ("inference", lambda: [inference_row(name, sb, untouched, s)]),
         ("evaluation", lambda: [eval_row(name, untouched, preprocess, tokenizer, s)]),
