@@ -296,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import cluster
 
             with cluster.connect(workers, args.scheduler, slurm) as client:
-                failures = cluster.run(jobs, client, args.only_missing)
+                failures = cluster.run(jobs, client, args.only_missing, pin_gpus=args.scheduler is None)
         for results_dir in dict.fromkeys(job.params["results_dir"] for job in jobs) if args.report else ():
             try:
                 print(f"report: {report(results_dir)}", flush=True)

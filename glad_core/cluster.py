@@ -6,9 +6,10 @@
 
 A cell is one Dask task executing its notebook (`batch.attempt`). Every worker, whichever cluster it
 belongs to, is prepared by the worker plugin `CellWorker`: it runs one cell at a time (a `cell`
-resource of 1, which every task asks for), the kernels it starts use the worker's threads
-(OMP_NUM_THREADS) and, when the worker sees several GPUs and knows its index among its siblings,
-one GPU of its own (CUDA_VISIBLE_DEVICES).
+resource of 1, which every task asks for) and the kernels it starts use the worker's threads
+(OMP_NUM_THREADS). On the clusters made here (local, SLURM), whose sibling workers all see the same
+GPUs, each worker also takes one GPU of its own (CUDA_VISIBLE_DEVICES); the workers of an existing
+cluster keep the GPUs they were given (`dask cuda worker` puts each worker's own GPU first).
 
 The cells of a unit (one trained adapter) are submitted one after the other, each on the worker of
 the previous one, so the adapter is trained once and then reused. A worker that dies mid-cell takes
@@ -63,10 +64,11 @@ def worker_index(name: Any) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def kernel_env(name: Any, nthreads: int, environ: Mapping[str, str]) -> dict[str, str]:
-    """Environment of the kernels a worker starts: its thread count and, among several GPUs, its own."""
+def kernel_env(name: Any, nthreads: int, environ: Mapping[str, str], pin_gpu: bool = True) -> dict[str, str]:
+    """Environment of the kernels a worker starts: its thread count and (`pin_gpu`), among several
+    GPUs seen by all its siblings, its own."""
     env = {var: str(nthreads) for var in THREAD_VARS}
-    gpus, index = visible_gpus(environ), worker_index(name)
+    gpus, index = visible_gpus(environ) if pin_gpu else [], worker_index(name)
     if len(gpus) > 1 and index is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
     return env
@@ -77,8 +79,11 @@ class CellWorker(WorkerPlugin):
 
     name = "glad-cell-worker"
 
+    def __init__(self, pin_gpus: bool) -> None:
+        self.pin_gpus = pin_gpus
+
     async def setup(self, worker) -> None:
-        os.environ.update(kernel_env(worker.name, worker.state.nthreads, os.environ))
+        os.environ.update(kernel_env(worker.name, worker.state.nthreads, os.environ, self.pin_gpus))
         await worker.set_resources(**{CELL: 1})
 
 
@@ -88,8 +93,9 @@ def _on_worker(task: Callable[[Job], str | None], job: Job) -> tuple[str, str | 
 
 
 def run(jobs: Sequence[Job], client: Client, only_missing: bool = False, progress: bool = True,
-        task: Callable[[Job], str | None] = batch.attempt) -> list[str]:
-    """Every job not done, on the workers of `client`; returns one message per failed cell.
+        task: Callable[[Job], str | None] = batch.attempt, pin_gpus: bool = False) -> list[str]:
+    """Every job not done, on the workers of `client`; returns one message per failed cell. `pin_gpus`:
+    give each worker one of the GPUs it sees (for clusters whose workers all see the same ones).
 
     The first cell of every unit is submitted at once; each next cell of a unit when the previous one
     ended, to the same worker (to another if that one is gone)."""
@@ -98,7 +104,7 @@ def run(jobs: Sequence[Job], client: Client, only_missing: bool = False, progres
     todo = batch.todo(jobs, only_missing)
     if task is batch.attempt:
         batch.check_kernels(job.notebook for job in todo)
-    client.register_plugin(CellWorker())
+    client.register_plugin(CellWorker(pin_gpus))
     units: dict[str, deque[Job]] = {}
     for job in todo:
         units.setdefault(job.unit, deque()).append(job)
@@ -171,16 +177,16 @@ class Slurm:
         return SLURMCluster.job_cls("tcp://<scheduler-address>:8786", name="glad-worker", **self.kwargs()).job_script()
 
 
-def local_cluster(workers: int | str) -> LocalCluster:
+def local_cluster(workers: int | str, threads: int | None = None) -> LocalCluster:
     """`workers` worker processes on this machine (`auto`: one per visible GPU, else one per core),
-    each with cores / workers threads."""
+    each with `threads` threads (default: cores / workers)."""
     if workers == "auto":
         workers = len(visible_gpus()) or cores()
     if not isinstance(workers, int) or workers < 1:
         raise BatchError(f"--workers {workers!r}: expected a number >= 1 or 'auto'")
     with dask.config.set({"distributed.worker.profile.enabled": False}):  # no sampling beside the kernels
-        return LocalCluster(n_workers=workers, threads_per_worker=max(1, cores() // workers), processes=True,
-                            dashboard_address=":0", silence_logs=logging.ERROR)
+        return LocalCluster(n_workers=workers, threads_per_worker=threads or max(1, cores() // workers),
+                            processes=True, dashboard_address=":0", silence_logs=logging.ERROR)
 
 
 @contextmanager

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import cloudpickle
@@ -140,21 +141,26 @@ def _where(log: Path, job: batch.Job) -> None:
         f.write(json.dumps(entry) + "\n")
 
 
-def test_units_stay_on_one_worker_and_each_worker_runs_one_cell_at_a_time(tmp_path, monkeypatch):
-    from functools import partial
-
+@pytest.fixture(scope="module")
+def local_client():
+    """A client of 2 local worker processes with 2 threads each, which see two (made-up) GPUs."""
     from distributed import Client, LocalCluster
 
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # the workers inherit it: two GPUs to share out
+        with LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=":0") as lc, \
+                Client(lc) as client:
+            yield client
+
+
+def test_units_stay_on_one_worker_and_each_worker_runs_one_cell_at_a_time(local_client, tmp_path):
     files = [SMOKE / f"{p}.yaml" for p in ("base_to_novel", "ablation", "cross_dataset", "domain_generalization")]
     jobs = batch.plan(files, {"results_dir": str(tmp_path / "results"), "seeds": [1, 2]})
     units = {job.unit for job in jobs}
     assert len(jobs) == 16 and len(units) == 14  # two units of two cells: transfer cells sharing one adapter
     log = tmp_path / "log.jsonl"
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # the workers inherit it: two GPUs to share out
-    with LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=":0") as lc, \
-            Client(lc) as client:
-        assert cluster.run(jobs, client, task=partial(_where, log), progress=False) == []
-        resources = {w["name"]: w["resources"] for w in client.scheduler_info()["workers"].values()}
+    assert cluster.run(jobs, local_client, task=partial(_where, log), progress=False, pin_gpus=True) == []
+    resources = {w["name"]: w["resources"] for w in local_client.scheduler_info()["workers"].values()}
     assert resources == {0: {"cell": 1}, 1: {"cell": 1}}
     ran = [json.loads(line) for line in log.read_text().splitlines()]
     assert sorted(r["label"] for r in ran) == sorted(j.label for j in jobs)  # each cell once
@@ -171,19 +177,20 @@ def test_units_stay_on_one_worker_and_each_worker_runs_one_cell_at_a_time(tmp_pa
         assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
 
 
-def test_a_cell_failure_is_reported_and_the_others_go_on(tmp_path):
-    from distributed import Client, LocalCluster
+def _fail_lora(log: Path, job: batch.Job) -> str | None:
+    """A cell that runs nothing and fails for LoRA."""
+    with open(log, "a") as f:
+        f.write(job.label + "\n")
+    return batch.failure(job, ValueError("no data")) if job.cell.train.method == "lora" else None
 
+
+def test_a_cell_failure_is_reported_and_the_others_go_on(local_client, tmp_path):
     jobs = batch.plan([SMOKE / "base_to_novel.yaml"], {"results_dir": str(tmp_path)})
-
-    def fail_lora(job: batch.Job) -> str | None:
-        return batch.failure(job, ValueError("no data")) if job.cell.train.method == "lora" else None
-
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as lc, \
-            Client(lc) as client:
-        failures = cluster.run(jobs, client, task=fail_lora, progress=False)
+    log = tmp_path / "log.txt"
+    failures = cluster.run(jobs, local_client, task=partial(_fail_lora, log), progress=False)
     assert failures == [f"FAILED base_to_novel tuxpaint lora seed 1: ValueError: no data\n    see "
                         f"{tmp_path / 'base_to_novel/tuxpaint/glad-mini/lora/shots1_seed1.ipynb'}"]
+    assert sorted(log.read_text().split("\n")[:-1]) == sorted(j.label for j in jobs)  # all 3 ran
 
 
 def test_kernel_environment_per_worker():
@@ -194,6 +201,7 @@ def test_kernel_environment_per_worker():
     assert cluster.kernel_env("SLURMCluster-3-2", 1, gpus)["CUDA_VISIBLE_DEVICES"] == "6"  # dask worker --nworkers
     assert "CUDA_VISIBLE_DEVICES" not in cluster.kernel_env("tcp://10.0.0.1:4000", 1, gpus)  # no index: all
     assert "CUDA_VISIBLE_DEVICES" not in cluster.kernel_env(1, 1, {"CUDA_VISIBLE_DEVICES": "7"})  # one GPU
+    assert "CUDA_VISIBLE_DEVICES" not in cluster.kernel_env(1, 1, gpus, pin_gpu=False)  # dask cuda worker
     assert cluster.visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
 
 
