@@ -39,11 +39,14 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from . import params as P
 from .__main__ import _parse_overrides
 from .protocols import Cell
+
+if TYPE_CHECKING:
+    from .cluster import Slurm
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = {"base_to_novel": "base_to_novel.ipynb", "cross_dataset": "cross_dataset.ipynb",
@@ -245,15 +248,17 @@ def _add_cluster_args(parser: argparse.ArgumentParser) -> None:
                        help="one more #SBATCH line, e.g. --sbatch=--qos=long (repeatable)")
 
 
-SLURM_ARGS = ("jobs", "partition", "account", "cores", "gpus", "memory", "walltime", "directives")
+SLURM_ARGS = {"jobs": "--jobs", "partition": "--partition", "account": "--account", "cores": "--cores-per-job",
+              "gpus": "--gpus-per-job", "memory": "--memory-per-job", "walltime": "--walltime",
+              "directives": "--sbatch"}  # glad_core.cluster.Slurm field: its option
 
 
-def _slurm(args: argparse.Namespace):
+def _slurm(args: argparse.Namespace) -> Slurm | None:
     """The SLURM options given, as glad_core.cluster.Slurm (None without --slurm)."""
     given = {k: getattr(args, k) for k in SLURM_ARGS if getattr(args, k) is not None}
     if not args.slurm:
         if given:
-            raise BatchError(f"{', '.join('--' + k for k in given)}: SLURM options need --slurm")
+            raise BatchError(f"{', '.join(SLURM_ARGS[k] for k in given)}: SLURM options need --slurm")
         return None
     from .cluster import Slurm
 

@@ -238,7 +238,7 @@ def test_slurm_job_script_has_the_requested_resources(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--jobs", "2"], "--jobs: SLURM options need --slurm"),
+    (["--jobs", "2", "--cores-per-job", "2"], "--jobs, --cores-per-job: SLURM options need --slurm"),
     (["--slurm", "--gpus-per-job", "9", "--cores-per-job", "8"], "gpus per job = 9"),
     (["--slurm", "--walltime", "2 hours"], "walltime '2 hours'"),
     (["--slurm", "--jobs", "0"], "jobs = 0"),
