@@ -3,6 +3,8 @@
     python -m glad_core.batch params/demo/*.yaml --report              # run what is missing, then the report
     python -m glad_core.batch params/base_to_novel.yaml --dry-run      # the plan, done / todo
     python -m glad_core.batch params/base_to_novel.yaml --shard 0/4 --set data_root=/data
+    python -m glad_core.batch params/*.yaml --workers 4 --set data_root=/data        # 4 worker processes
+    python -m glad_core.batch params/*.yaml --slurm --jobs 8 --gpus-per-job 1 --dry-run   # the job script
 
 Each cell (one dataset, method and seed) executes `notebooks/<protocol>.ipynb` with the cell's flat
 parameters injected; the executed notebook is written beside the cell's record
@@ -13,6 +15,10 @@ parameters injected; the executed notebook is written beside the cell's record
   A cell whose record exists only re-renders its notebook; nothing is trained again.
 - Failures: a failed cell is reported with its executed notebook (which holds the traceback) and
   the other cells go on; the exit code is 1 when any cell failed.
+- Where: by default every cell runs in this process, one after another. `--workers N` (a local
+  Dask cluster of N processes), `--scheduler tcp://host:port` (an existing Dask cluster) and `--slurm`
+  (Dask workers in SLURM jobs) run cells side by side, one per worker at a time, a unit on one
+  worker; a cell whose worker dies runs again on another (see glad_core.cluster).
 - Sharding: `--shard i/n` (0 <= i < n) takes units i, i+n, i+2n, ... of the plan, so n machines
   (or one process per GPU, with CUDA_VISIBLE_DEVICES) never write the same cell. A unit is the
   cells that share one trained adapter (cross-dataset and domain-generalization cells of the same
@@ -33,10 +39,13 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from . import params as P
 from .protocols import Cell
+
+if TYPE_CHECKING:
+    from .cluster import Slurm
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = {"base_to_novel": "base_to_novel.ipynb", "cross_dataset": "cross_dataset.ipynb",
@@ -153,21 +162,38 @@ def execute(notebook: Path, output: Path, parameters: dict[str, Any]) -> None:
                         extra_arguments=["--IPKernelApp.log_level=ERROR"])  # no per-cell kernel banner warnings
 
 
+def todo(jobs: Sequence[Job], only_missing: bool = False) -> list[Job]:
+    """The jobs not done yet, in plan order."""
+    return [job for job in jobs if not is_done(job, only_missing)]
+
+
+def failure(job: Job, error: BaseException) -> str:
+    """The report of a failed cell, naming its executed notebook (which holds the traceback)."""
+    why = f"{type(error).__name__}: {error}".splitlines()
+    return f"FAILED {job.label}: {why[0] if why else ''}\n    see {job.output}"
+
+
+def attempt(job: Job) -> str | None:
+    """Execute one job; None when it succeeded, else its failure report."""
+    try:
+        execute(job.notebook, job.output, job.params)
+    except Exception as e:  # a failed cell is reported; the others go on
+        return failure(job, e)
+    return None
+
+
 def run(jobs: Sequence[Job], only_missing: bool = False, progress: bool = True) -> list[str]:
-    """Execute every job not done; returns one message per failed cell (naming its executed notebook)."""
+    """Execute every job not done, here, one after the other; returns one message per failed cell."""
     from tqdm.auto import tqdm
 
-    todo = [job for job in jobs if not is_done(job, only_missing)]
-    check_kernels(job.notebook for job in todo)
+    pending = todo(jobs, only_missing)
+    check_kernels(job.notebook for job in pending)
     failures: list[str] = []
-    bar = tqdm(todo, desc="cells", unit="cell", disable=not progress)
+    bar = tqdm(pending, desc="cells", unit="cell", disable=not progress)
     for job in bar:
         bar.set_postfix_str(job.label)
-        try:
-            execute(job.notebook, job.output, job.params)
-        except Exception as e:  # a failed cell is reported; the others go on
-            why = f"{type(e).__name__}: {e}".splitlines()
-            msg = f"FAILED {job.label}: {why[0] if why else ''}\n    see {job.output}"
+        msg = attempt(job)
+        if msg:
             failures.append(msg)
             bar.write(msg, file=sys.stderr)
     bar.close()
@@ -198,11 +224,52 @@ def _parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
     return P.parse_overrides(flags)
 
 
+def _add_cluster_args(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_argument_group(
+        "where cells run (default: in this process, one after another; see glad_core.cluster)"
+    ).add_mutually_exclusive_group()
+    where.add_argument("--workers", metavar="N", help="a local Dask cluster of N worker processes with cores/N "
+                       "threads each ('auto': one per visible GPU, else one per core)")
+    where.add_argument("--scheduler", metavar="tcp://host:port",
+                       help="the workers of an existing Dask cluster (sharing this results folder)")
+    where.add_argument("--slurm", action="store_true",
+                       help="Dask workers in SLURM jobs (dask-jobqueue); --dry-run prints the job script")
+    slurm = parser.add_argument_group("SLURM jobs (with --slurm)")
+    slurm.add_argument("--jobs", type=int, help="number of jobs (default 1)")
+    slurm.add_argument("--partition", help="SLURM partition (-p)")
+    slurm.add_argument("--account", help="SLURM account (-A)")
+    slurm.add_argument("--cores-per-job", type=int, dest="cores", help="CPU cores per job (default 4)")
+    slurm.add_argument("--gpus-per-job", type=int, dest="gpus",
+                       help="GPUs per job, one worker each (default 0: one CPU worker per job)")
+    slurm.add_argument("--memory-per-job", dest="memory", help="memory per job (default 16GB)")
+    slurm.add_argument("--walltime", help="time limit per job, [days-]hh:mm:ss (default 01:00:00)")
+    slurm.add_argument("--sbatch", action="append", dest="directives", metavar="OPTION",
+                       help="one more #SBATCH line, e.g. --sbatch=--qos=long (repeatable)")
+
+
+SLURM_ARGS = {"jobs": "--jobs", "partition": "--partition", "account": "--account", "cores": "--cores-per-job",
+              "gpus": "--gpus-per-job", "memory": "--memory-per-job", "walltime": "--walltime",
+              "directives": "--sbatch"}  # glad_core.cluster.Slurm field: its option
+
+
+def _slurm(args: argparse.Namespace) -> Slurm | None:
+    """The SLURM options given, as glad_core.cluster.Slurm (None without --slurm)."""
+    given = {k: getattr(args, k) for k in SLURM_ARGS if getattr(args, k) is not None}
+    if not args.slurm:
+        if given:
+            raise BatchError(f"{', '.join(SLURM_ARGS[k] for k in given)}: SLURM options need --slurm")
+        return None
+    from .cluster import Slurm
+
+    return Slurm(**given)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m glad_core.batch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("params", nargs="+", help="YAML parameter files (see params/)")
-    parser.add_argument("--dry-run", action="store_true", help="list the plan with each cell's status; run nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the plan with each cell's status (and the SLURM job script); run nothing")
     parser.add_argument("--shard", default="0/1", metavar="i/n", help="run units i, i+n, ... (0 <= i < n)")
     parser.add_argument("--only-missing", action="store_true",
                         help="count a cell as done when its record exists, even without its executed notebook")
@@ -210,19 +277,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="then execute notebooks/report.ipynb on the results folder (report/report.md)")
     parser.add_argument("--set", action="append", default=[], metavar="key=value", dest="sets",
                         help="override a parameter in every file (repeatable), e.g. --set epochs=2")
+    _add_cluster_args(parser)
     args = parser.parse_args(argv)
     try:
         index, _, count = args.shard.partition("/")
         if not (index.isdigit() and count.isdigit()):
             raise BatchError(f"--shard expects i/n, e.g. 0/4, got {args.shard!r}")
+        slurm = _slurm(args)
+        workers = int(args.workers) if args.workers and args.workers.isdigit() else args.workers  # or 'auto'
         jobs = shard(plan(args.params, _parse_sets(args.sets)), int(index), int(count))
         done = [is_done(job, args.only_missing) for job in jobs]
         print(f"{len(jobs)} cells (shard {args.shard}): {sum(done)} done, {len(jobs) - sum(done)} to run", flush=True)
         if args.dry_run:
             for job, d in zip(jobs, done):
                 print(f"{'done' if d else 'todo'}  {job.label:<60} {job.cell.record_path}")
+            if slurm is not None:
+                print(f"\nSLURM: {slurm.jobs} job(s), each running:\n{slurm.job_script()}")
             return 0
-        failures = run(jobs, args.only_missing)
+        if workers is None and args.scheduler is None and slurm is None:
+            failures = run(jobs, args.only_missing)
+        else:
+            from . import cluster
+
+            with cluster.connect(workers, args.scheduler, slurm) as client:
+                failures = cluster.run(jobs, client, args.only_missing, pin_gpus=args.scheduler is None)
         for results_dir in dict.fromkeys(job.params["results_dir"] for job in jobs) if args.report else ():
             try:
                 print(f"report: {report(results_dir)}", flush=True)
@@ -239,5 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the package's module, not this __main__ copy: workers unpickle its Job, errors match
+    from glad_core.batch import main as _main
+
+    sys.exit(_main())
