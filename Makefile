@@ -50,7 +50,8 @@ bench: prepare
 # MPLBACKEND is left to the kernel (inline figures).
 lab: prepare
 	env -u MPLBACKEND $(JUPYTER_ENV) $(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 \
-		--ServerApp.port=$(LAB_PORT) --ServerApp.root_dir=notebooks $(LAB_ARGS)
+		--ServerApp.port=$(LAB_PORT) --ServerApp.root_dir=notebooks \
+		$(if $(filter 0,$(shell id -u)),--ServerApp.allow_root=True) $(LAB_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache

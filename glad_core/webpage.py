@@ -5,7 +5,8 @@ figures, Markdown, errors) without the code and without printed text (stdout / s
 local paths, which stay in the notebook). Figures are embedded as `data:` URIs, styles are inline,
 and no script is fetched (require.js, MathJax and mermaid, which nbconvert loads from a CDN, are
 left out: the report has no widgets, math or diagrams), so the page opens offline, from a mail
-attachment or a file share.
+attachment or a file share. A figure's alternative text is its `alt` metadata
+(`IPython.display.Image(..., alt=...)`), which nbconvert's lab template would drop.
 """
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ _NO_CDN = """{%- extends 'lab/index.html.j2' -%}
 {%- block html_head_js -%}{%- endblock html_head_js -%}
 {%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
 {%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+{%- block data_png scoped -%}
+<div class="jp-RenderedImage jp-OutputArea-output {{ extra_class }}">
+<img src="data:image/png;base64,{{ output.data['image/png'] | escape_html }}"
+ alt="{{ (output | get_metadata('alt', 'image/png')) or '' | escape_html }}">
+</div>
+{%- endblock data_png -%}
 """
 
 
