@@ -5,8 +5,8 @@
   cell and the next one are run from the page with Shift+Enter. The kernel must be `glad`, the two
   cells must run in order without an error output. A screenshot per notebook goes to the test's
   temporary folder.
-- The report page (`report.html`, written by `glad_core.batch.report`) is opened from the file system
-  with the network cut: it must load nothing but itself, and its tables and embedded figures must
+- The report page (`report.html`, written by `glad_core.batch.report`) is opened from the file system:
+  it must request nothing but itself (it opens offline), and its tables and embedded figures must
   render, with the numbers of the record it reports.
 
 Chromium is Debian's `chromium` (Playwright's own browser downloads are not used); the tests skip
@@ -172,7 +172,7 @@ def _ran(page, first: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def opened(lab, browser, tmp_path_factory) -> dict[str, dict | Exception]:
+def opened(browser, lab, tmp_path_factory) -> dict[str, dict | Exception]:
     """Every notebook opened in a page of its own (its own JupyterLab workspace), each step taken on every
     page before the next, so the kernels start and run at the same time; per notebook what `_ran` gives
     and its screenshot (`shot`), or the exception that stopped it."""
@@ -245,7 +245,7 @@ def report_page(tmp_path_factory) -> tuple[Path, dict]:
     return md.with_name("report.html"), json.loads(cell.record_path.read_text())
 
 
-def test_report_page_is_self_contained_and_renders(report_page, browser, tmp_path):
+def test_report_page_is_self_contained_and_renders(browser, report_page, tmp_path):
     html, record = report_page
     figures = sorted(p.name for p in html.parent.glob("*.png"))  # written by the report notebook
     assert figures, "the report wrote no figure"
