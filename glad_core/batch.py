@@ -206,10 +206,14 @@ def report_path(results_dir: str | Path) -> Path:
 
 
 def report(results_dir: str | Path) -> Path:
-    """Execute the report notebook on every record under `results_dir`; returns the written report.md."""
+    """Execute the report notebook on every record under `results_dir`; returns the written report.md
+    (report.html beside it: the executed notebook as one self-contained page)."""
+    from .webpage import write_html
+
     out = report_path(results_dir).parent
     check_kernels([REPORT])
     execute(REPORT, out / REPORT.name, {"results_dir": str(out.parent), "out_dir": str(out)})
+    write_html(out / REPORT.name)
     return report_path(results_dir)
 
 
