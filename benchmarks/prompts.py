@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -38,6 +37,7 @@ from torch import nn  # noqa: E402
 
 from glad_core.prompts import PromptLearner, meta_net  # noqa: E402
 from memory import MB, PeakRSS  # noqa: E402
+from timing import interleave  # noqa: E402
 
 SMOKE_MODEL = "glad-prompts-tiny"
 SMOKE_CONFIG = {
@@ -94,21 +94,6 @@ class CoCoOpStep:
         return t.detach(), [p.grad.clone() for p in self.params]
 
 
-def rounds(fns: dict[str, Callable[[], object]], n: int, sync: Callable[[], None]) -> dict[str, list[float]]:
-    """Seconds per call: one warm-up call each, then n rounds, each function once per round in rotating order."""
-    for fn in fns.values():
-        fn()
-    sync()
-    names, times = list(fns), {k: [] for k in fns}
-    for r in range(n):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            t = time.perf_counter()
-            fns[k]()
-            sync()
-            times[k].append(time.perf_counter() - t)
-    return times
-
-
 def speed_rows(name: str, clip: nn.Module, tokenizer: Callable, batch: int, classes: int, n_rounds: int,
                device: str) -> list[dict]:
     """Equal outputs and the step-time ratio of the batched call against the per-image loop."""
@@ -117,7 +102,8 @@ def speed_rows(name: str, clip: nn.Module, tokenizer: Callable, batch: int, clas
     diff_t = (t_b - t_l).abs().max().item()
     diff_g = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in zip(g_b, g_l))
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    times = rounds({"batched": lambda: bench.step(True), "looped": lambda: bench.step(False)}, n_rounds, sync)
+    times = interleave({"batched": lambda: bench.step(True), "looped": lambda: bench.step(False)}, n_rounds,
+                       warmup=("batched", "looped"), sync=sync)
     for k, ts in times.items():
         print(f"    {name} {k}: " + " ".join(f"{x:.3f}" for x in ts), flush=True)
     med = {k: statistics.median(ts) for k, ts in times.items()}

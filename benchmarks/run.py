@@ -27,7 +27,7 @@ from unittest import mock
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -50,6 +50,7 @@ from glad_core.lora import merge_lora, unmerge_lora  # noqa: E402
 from glad_core.methods import build  # noqa: E402
 from glad_core.train import Step, TrainConfig, evaluate  # noqa: E402
 from memory import MB, PeakRSS  # noqa: E402
+from timing import interleave  # noqa: E402
 
 TEMPLATES = ["a photo of a {}."]
 WORDS = ("red", "small", "wooden", "house", "striped", "cat", "sports", "car", "garden", "flower", "old",
@@ -121,22 +122,6 @@ def image_size(model: nn.Module) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- timing
-
-
-def interleave(fns: dict[str, Callable[[], Any]], rounds: int, warmup: Sequence[str] = (),
-               sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
-    """Seconds per call of each function: warm-up calls, then `rounds` rounds in rotating order."""
-    for name in warmup:
-        fns[name]()
-    sync()
-    names, times = list(fns), {n: [] for n in fns}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            t = time.perf_counter()
-            fns[name]()
-            sync()
-            times[name].append(time.perf_counter() - t)
-    return times
 
 
 def ratio(times: dict[str, list[float]], a: str, b: str) -> tuple[float, str]:

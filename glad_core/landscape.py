@@ -30,7 +30,6 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
