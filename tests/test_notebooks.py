@@ -95,7 +95,7 @@ def test_batch_runs_every_cell_reports_a_failure_goes_on_and_resumes(env, result
     assert errors and errors[0].ename == "DatasetError" and not failed.with_suffix(".json").exists()
 
     records = sorted(results.glob("base_to_novel/tuxpaint/glad-mini/*/shots1_seed1_*.json"))
-    assert [p.parent.name for p in records] == ["glad", "lora", "zeroshot"]  # the others went on
+    assert [p.parent.name for p in records] == ["cocoop", "coop", "glad", "lora", "zeroshot"]  # the others went on
     for record in records:
         executed = nbformat.read(record.with_suffix(".ipynb"), as_version=4)
         assert executed.metadata.papermill.exception is None
@@ -106,7 +106,7 @@ def test_batch_runs_every_cell_reports_a_failure_goes_on_and_resumes(env, result
 
     again = _batch(grid[1:], env)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "3 cells (shard 0/1): 3 done, 0 to run" in again.stdout
+    assert "5 cells (shard 0/1): 5 done, 0 to run" in again.stdout
     assert [p.with_suffix(".ipynb").stat().st_mtime_ns for p in records] == stamps  # nothing re-executed
     failed.unlink()  # leaves the module's results to the smoke cells
 
