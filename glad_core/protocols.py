@@ -246,7 +246,7 @@ def run_multi_source_cell(cell: Cell, progress: bool = True) -> dict[str, Any]:
 
     r = evaluate(method, target.test, md.classnames, md.templates, preprocess, progress=progress, desc=f"eval {held}")
     guidance = {}
-    if hasattr(method, "guidance_metrics"):
+    if getattr(method, "has_experts", False):  # one more encoding pass, for the guided methods only
         with method.inference():
             f, y = image_features(method, target.test, preprocess, cfg.eval_batch_size, cfg.num_workers, progress=False)
             guidance = method.guidance_metrics(f, y)
