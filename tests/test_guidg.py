@@ -3,7 +3,6 @@ leave-one-domain-out protocol, against direct computations."""
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from PIL import Image
 
 from glad_core import params as P
 from glad_core.data import Datum
-from glad_core.lora import lora_disabled, lora_layers
+from glad_core.lora import lora_layers
 from glad_core.methods import build
 from glad_core.methods.guidg import (CrossModalAttention, GuiDG, batch_mean_weights, beta_weight, margin_logits,
                                      ueo_term, wise_ft_)
