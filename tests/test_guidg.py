@@ -3,6 +3,7 @@ leave-one-domain-out protocol, against direct computations."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,7 +242,7 @@ def test_leave_one_domain_out_on_mini_pacs(tmp_path):
     from glad_core.report import multi_source_comparison
     from glad_core.results import collect
 
-    p = P.load("params/multi_source_dg/smoke.yaml", results_dir=str(tmp_path))
+    p = P.load(Path(__file__).resolve().parents[1] / "params" / "multi_source_dg" / "smoke.yaml", results_dir=str(tmp_path))
     records = [run_cell(c, progress=False) for c in P.cells(p)]
     for rec in records:
         held = rec["params"]["targets"][0]
