@@ -14,7 +14,7 @@ import yaml
 
 from .checks import in_range, one_of, str_list
 from .methods import REGISTRY
-from .protocols import PROTOCOLS, Cell
+from .protocols import PROTOCOLS, TARGET_PARTS, Cell
 from .train import DEFAULTS, TrainConfig
 
 
@@ -47,6 +47,9 @@ SCHEMA: dict[str, Entry] = {
     "pretrained": ((str, type(None)), None, "open_clip pretrained tag or local checkpoint path; null = random init"),
     "data_root": ((str, type(None)), None, "folder holding the datasets in CoOp's layout (demo sets need none)"),
     "results_dir": ((str,), None, "where records and adapters are written"),
+    "held_out": ((list,), str_list, "multi_source_dg: domains held out in turn (grid axis); [] = every domain"),
+    "target_part": ((str,), one_of(TARGET_PARTS), "multi_source_dg: test the held-out domain on its test part "
+                    "or on all its images"),
 }
 _SHARED_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "epochs": in_range(1), "batch_size": in_range(1), "lr": in_range(0, lo_open=True), "weight_decay": in_range(0),
@@ -122,6 +125,12 @@ def validate(params: dict[str, Any]) -> dict[str, Any]:
         settings[name] = {key: _checked(f"method_settings.{name}.{key}", value, SCHEMA[key])
                           for key, value in section.items()}
     out["method_settings"] = settings or None
+    if out["protocol"] == "multi_source_dg":
+        _check_multi_source(out)
+        _check_backbone(out["backbone"])
+        return out
+    if out["held_out"]:
+        raise _fail("held_out", out["held_out"], "only the multi_source_dg protocol holds domains out")
     if out["protocol"] != "base_to_novel" and not out["targets"]:
         raise _fail("targets", out["targets"], f"protocol {out['protocol']} needs at least one target dataset")
     known = _dataset_names()
@@ -139,8 +148,30 @@ def defaults() -> dict[str, Any]:
     """Every key: the grid's defaults; null for training keys (each method's own default applies)."""
     return {"protocol": "base_to_novel", "datasets": [], "methods": ["glad"], "seeds": [1], "targets": [],
             "shots": 16, "backbone": "glad-mini", "pretrained": None, "data_root": None, "results_dir": "results",
-            "method_settings": None,
+            "method_settings": None, "held_out": [], "target_part": "test",
             **{k: None for k in (*SHARED_KEYS, *METHOD_KEYS)}}
+
+
+def domains_of(name: str) -> list[str]:
+    """The domains a multi_source_dg run on set `name` may hold out (from its definition, no data read)."""
+    from .domains import DOMAINBED, IMAGENET_DG
+    return [IMAGENET_DG[name][1]] if name in IMAGENET_DG else list(DOMAINBED[name].domains)
+
+
+def _check_multi_source(p: dict[str, Any]) -> None:
+    """multi_source_dg: multi-domain sets, no targets, held-out domains that every set has."""
+    from .domains import domain_set_names
+    if not p["datasets"]:
+        raise _fail("datasets", p["datasets"], "name at least one multi-domain set")
+    for name in p["datasets"]:
+        if name not in domain_set_names():
+            raise _fail("datasets", name, f"multi_source_dg needs a multi-domain set; allowed: {domain_set_names()}")
+    if p["targets"]:
+        raise _fail("targets", p["targets"], "multi_source_dg tests held-out domains: use held_out, not targets")
+    for name in p["datasets"]:
+        missing = [h for h in p["held_out"] if h not in domains_of(name)]
+        if missing:
+            raise _fail("held_out", missing, f"not domains of {name!r}; its domains: {domains_of(name)}")
 
 
 def _dataset_names() -> set[str]:
@@ -174,8 +205,15 @@ def load(source: str | Path | dict[str, Any], **overrides: Any) -> dict[str, Any
 
 
 def cells(params: dict[str, Any]) -> list[Cell]:
-    """The grid datasets x methods x seeds as cells, in that order."""
+    """The grid datasets x methods x seeds as cells, in that order (multi_source_dg: datasets x held-out
+    domains x methods x seeds)."""
     p = validate(params)
+    if p["protocol"] == "multi_source_dg":
+        return [Cell(protocol=p["protocol"], dataset=d, shots=p["shots"], backbone=p["backbone"],
+                     pretrained=p["pretrained"], targets=[h], data_root=p["data_root"], results_dir=p["results_dir"],
+                     target_part=p["target_part"], train=train_config(p, m, s))
+                for d in p["datasets"] for h in (p["held_out"] or domains_of(d)) for m in p["methods"]
+                for s in p["seeds"]]
     return [Cell(protocol=p["protocol"], dataset=d, shots=p["shots"], backbone=p["backbone"],
                  pretrained=p["pretrained"], targets=list(p["targets"]), data_root=p["data_root"],
                  results_dir=p["results_dir"], train=train_config(p, m, s))

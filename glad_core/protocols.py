@@ -4,6 +4,8 @@
 - cross_dataset: few-shot train on a source (ImageNet in the paper) over all classes, test on
   other datasets.
 - domain_generalization: the same source model tested on shifted versions of the source.
+- multi_source_dg: leave one domain of a multi-domain set out (`glad_core.domains`), train on the
+  others' few-shot pools, test on the held-out one (`targets` = [that domain]).
 
 A cell is (protocol, dataset, method, seed, shots, backbone) plus training parameters. Its record
 (JSON) holds every parameter, metrics, per-class accuracy, timings, versions, device, git commit
@@ -32,7 +34,8 @@ from .methods import build, load_trained, save_trained
 from .results import harmonic_mean
 from .train import TrainConfig, evaluate, resolve_device, set_seed
 
-PROTOCOLS = ("base_to_novel", "cross_dataset", "domain_generalization")
+PROTOCOLS = ("base_to_novel", "cross_dataset", "domain_generalization", "multi_source_dg")
+TARGET_PARTS = ("test", "all")  # multi_source_dg: the held-out domain's test part, or all its images
 PAPER_TARGETS = {
     "cross_dataset": ["caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
                       "sun397", "dtd", "eurosat", "ucf101"],
@@ -53,10 +56,14 @@ class Cell:
     targets: list[str] = field(default_factory=list)
     data_root: str | None = None
     results_dir: str = "results"
+    target_part: str = "test"  # multi_source_dg only
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {self.protocol!r}; allowed: {list(PROTOCOLS)}")
+        if self.protocol == "multi_source_dg" and (len(self.targets) != 1 or self.target_part not in TARGET_PARTS):
+            raise ValueError(f"multi_source_dg holds out one domain (targets = [domain], got {self.targets}) and tests "
+                             f"on target_part in {list(TARGET_PARTS)} (got {self.target_part!r})")
         if self.protocol != "base_to_novel" and not self.targets:
             raise ValueError(f"protocol {self.protocol} needs targets (datasets to evaluate the source model on)")
 
@@ -71,8 +78,9 @@ class Cell:
                 / f"{self.name}.json")
 
     def params(self) -> dict[str, Any]:
+        extra = {"target_part": self.target_part} if self.protocol == "multi_source_dg" else {}
         return {"protocol": self.protocol, "dataset": self.dataset, "targets": self.targets, "shots": self.shots,
-                "backbone": self.backbone, "pretrained": self.pretrained, "data_root": self.data_root,
+                "backbone": self.backbone, "pretrained": self.pretrained, "data_root": self.data_root, **extra,
                 **self.train.to_dict()}
 
     def identity(self) -> dict[str, Any]:
@@ -139,6 +147,8 @@ def run_cell(cell: Cell, progress: bool = True, overwrite: bool = False) -> dict
     path = cell.record_path
     if path.exists() and not overwrite:
         return json.loads(path.read_text())
+    if cell.protocol == "multi_source_dg":
+        return run_multi_source_cell(cell, progress)
     t_start = time.perf_counter()
     cfg = cell.train
     set_seed(cfg.seed)
@@ -198,4 +208,65 @@ def run_cell(cell: Cell, progress: bool = True, overwrite: bool = False) -> dict
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_json(path, record)
+    return record
+
+
+def run_multi_source_cell(cell: Cell, progress: bool = True) -> dict[str, Any]:
+    """Leave-one-domain-out: few-shot pools of every other domain (train, and val for methods that take
+    it), the held-out domain tested; writes and returns the record. GuiDG's methods add `guidance`:
+    accuracy with batch-averaged and per-image attention, each expert's accuracy, the mean weights."""
+    from .datasets import DatasetError
+    from .domains import fewshot_pools, load_domains
+    from .models import load_backbone
+    from .train import image_features
+
+    t_start = time.perf_counter()
+    cfg, held = cell.train, cell.targets[0]
+    set_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    md = load_domains(cell.dataset, cell.data_root)
+    if held not in md.held_out_choices:
+        raise DatasetError(f"{cell.dataset}: cannot hold out {held!r}; choose from {md.held_out_choices}.")
+    md = fewshot_pools(md, cell.shots, cfg.seed, domains=[d for d in md.domain_names if d != held])
+    sources, target = md.leave_one_out(held, cell.target_part)
+    train_items = [d for s in sources.values() for d in s.train]
+    val_items = [d for s in sources.values() for d in s.val]
+    if any(d.domain == held for d in train_items + val_items):
+        raise AssertionError(f"held-out domain {held!r} leaked into the training data")
+    clip, preprocess, tokenizer = load_backbone(cell.backbone, cell.pretrained, device=device)
+    method = build(clip, tokenizer, cfg).to(device)
+    adapter = cell.record_path.with_suffix(".safetensors")
+    history = None
+    if method.trainable():
+        extra = {"val_items": val_items} if getattr(method, "uses_val_pool", False) else {}
+        history = method.fit(train_items, md.classnames, md.templates, progress=progress, **extra)
+        adapter.parent.mkdir(parents=True, exist_ok=True)
+        save_trained(method, adapter, metadata={"backbone": cell.backbone})
+    t_train = time.perf_counter() - t_start
+
+    r = evaluate(method, target.test, md.classnames, md.templates, preprocess, progress=progress, desc=f"eval {held}")
+    guidance = {}
+    if getattr(method, "has_experts", False):  # one more encoding pass, for the guided methods only
+        with method.inference():
+            f, y = image_features(method, target.test, preprocess, cfg.eval_batch_size, cfg.num_workers, progress=False)
+            guidance = method.guidance_metrics(f, y)
+    record = {
+        "cell": {"protocol": cell.protocol, "dataset": cell.dataset, "method": cfg.method, "seed": cfg.seed,
+                 "shots": cell.shots, "backbone": cell.backbone},
+        "params": cell.params(),
+        "metrics": {held: r["acc"]},
+        "per_class": {held: r["per_class"]},
+        "test_sizes": {held: r["n"]},
+        "guidance": guidance,
+        "train": {"sources": list(sources), "classes": len(md.classnames), "images": len(train_items),
+                  "val_images": len(val_items), "history": history.history if history else [],
+                  "steps": history.steps if history else 0, "seconds": history.seconds if history else 0.0},
+        "timings": {"train_s": t_train, "eval_s": time.perf_counter() - t_start - t_train,
+                    "total_s": time.perf_counter() - t_start},
+        **environment(),
+        "device_type": device.type,
+        "adapter": str(adapter) if method.trainable() else None,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(cell.record_path, record)
     return record

@@ -184,6 +184,24 @@ def transfer_comparison(df: pd.DataFrame, protocol: str) -> pd.DataFrame:
     return _with_published(t, _published_long(protocol), ["method", "dataset", "split"], comparable)[_COLUMNS]
 
 
+def multi_source_comparison(df: pd.DataFrame) -> pd.DataFrame:
+    """Leave-one-domain-out results as the GuiDG paper tabulates them: one row per set, method and setting,
+    one column per held-out domain (seed mean, %) and `average` over the held-out domains (for rows that
+    cover every domain held out in that set and setting; NaN otherwise)."""
+    df = df[df["protocol"] == "multi_source_dg"]
+    if df.empty:
+        return pd.DataFrame()
+    t = summarize(df)
+    keys = ["dataset", "backbone", "shots", "setting", "method"]
+    wide = t.pivot_table(index=keys, columns="split", values="mean", sort=False)
+    wide = wide[list(dict.fromkeys(t["split"]))]
+    held = {k: set(g["split"]) for k, g in t.groupby(["dataset", "backbone", "shots"], sort=False)}
+    full = [set(wide.columns[wide.loc[k].notna()]) == held[k[:3]] for k in wide.index]
+    wide[AVERAGE] = wide.mean(axis=1).where(full)
+    order = wide.index.get_level_values("method").map(lambda m: list(REGISTRY).index(m) if m in REGISTRY else len(REGISTRY))
+    return wide.iloc[order.argsort(kind="stable")]
+
+
 def ablation_comparison(df: pd.DataFrame) -> pd.DataFrame:
     """Table 4 as tidy rows: rows (a)-(e) of the ablation, and zero-shot as row '-', with base /
     novel / hm averaged over the datasets that every row of the same backbone and shots ran on

@@ -1,0 +1,190 @@
+"""GuiDG's two training stages (`glad_core.methods.guidg`): the domain experts, then the guided tuning."""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import Datum, ImageDataset, Splits
+from ..datasets import DatasetError, split_per_class
+from ..domains import split_subdomains
+from ..gradreg import GradRegStep
+from ..prompts import PromptLearner
+from ..train import TrainResult, autocast, image_features, resolve_device, set_seed, train_transform
+
+if TYPE_CHECKING:
+    from .guidg import GuiDG, Pool
+
+EXPERT_SCALE_MIN = 0.7  # GuiDG's experts: RandomResizedCrop(224, scale (0.7, 1)) + horizontal flip
+
+
+def eval_transform(clip: nn.Module) -> Callable:
+    """open_clip's evaluation transform of this model (resize, centre crop, its mean / std)."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    return image_transform_v2(PreprocessCfg(**clip.visual.preprocess_cfg), is_train=False)
+
+
+def guidance_transform(clip: nn.Module, randaugment: bool) -> Callable:
+    """Step 2's augmentation: RandAugment(2, 9) on the image (before resizing), then the evaluation transform."""
+    from torchvision import transforms
+
+    base = eval_transform(clip)
+    return transforms.Compose([transforms.RandAugment(2, 9), base]) if randaugment else base
+
+
+def _by_class(items: Sequence[Datum]) -> list[list[Datum]]:
+    groups: dict[int, list[Datum]] = {}
+    for d in items:
+        groups.setdefault(d.label, []).append(d)
+    return list(groups.values())
+
+
+def source_pools(items: Sequence[Datum], classnames: Sequence[str], templates: Sequence[str],
+                 val_items: Sequence[Datum] | None, subdomains: int, seed: int) -> list["Pool"]:
+    """One pool per source domain (in order of appearance); one source (or none named) is dealt into
+    `subdomains` random sub-domains, its val items included (Algorithm 1)."""
+    from .guidg import Pool
+
+    names = list(dict.fromkeys(d.domain for d in items))
+    if len(names) <= 1:
+        source = Splits(names[0] if names and names[0] else "source", list(classnames), list(templates),
+                        train=list(items) + list(val_items or []))
+        md = split_subdomains(source, subdomains, seed)
+        pools = [Pool(n, s.train, s.val) for n, s in md.domains.items()]
+    else:
+        extra = sorted({d.domain for d in val_items or []} - set(names))
+        if extra:
+            raise DatasetError(f"val items of domains {extra} have no training items; the sources are {names}")
+        pools = []
+        for name in names:
+            train = [d for d in items if d.domain == name]
+            if val_items is None:
+                train, val, _ = split_per_class(_by_class(train), 0.5, 0.0, seed, name, min_train=0)
+            else:
+                val = [d for d in val_items if d.domain == name]
+            pools.append(Pool(name, train, val))
+    empty = [p.name for p in pools if not p.train or not p.val]
+    if empty:
+        raise DatasetError(f"GuiDG needs training and val images in every source domain; empty in {empty}. "
+                           "Use more shots (or fewer sub-domains).")
+    return pools
+
+
+def train_expert(method: "GuiDG", pool: "Pool", classnames: Sequence[str], progress: bool) -> tuple[torch.Tensor, dict]:
+    """A CoOp expert on the frozen pretrained backbone: the selected context [M, d] and its history."""
+    cfg, hp = method.cfg, method.hp
+    device = resolve_device(cfg.device)
+    learner = PromptLearner(method.clip, method.tokenizer, classnames, n_ctx=hp["n_ctx"], init=None,
+                            freeze=False).to(device)
+    optimizer = torch.optim.SGD([learner.ctx], lr=hp["expert_lr"])
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=hp["expert_schedule_steps"])
+    data = ImageDataset(pool.train, train_transform(method.clip, EXPERT_SCALE_MIN, flip=True))
+    with method.zero_shot():
+        val_f, val_y = image_features(method, pool.val, eval_transform(method.clip), cfg.eval_batch_size,
+                                      cfg.num_workers, progress=False)
+    best, best_ctx, history = -1.0, learner.ctx.detach().clone(), []
+    epochs = hp["expert_epochs"]
+    for epoch in tqdm(range(epochs), desc=f"expert {pool.name}", disable=not progress, leave=False):
+        loader = torch.utils.data.DataLoader(data, batch_size=hp["expert_batch_size"], shuffle=True,
+                                             num_workers=cfg.num_workers,
+                                             generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            with torch.no_grad(), method.zero_shot(), autocast(device, cfg.precision):
+                f = method.encode_image(images)
+            with autocast(device, cfg.precision):
+                loss = F.cross_entropy(method.logit_scale * f @ learner().float().t(), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        if (epoch + 1) % hp["expert_eval_every"] == 0 or epoch + 1 == epochs:
+            with torch.no_grad(), autocast(device, cfg.precision):
+                acc = ((val_f @ learner().float().t()).argmax(-1) == val_y).float().mean().item()
+            history.append({"epoch": epoch + 1, "loss": loss.item(), "val_acc": acc})
+            if acc > best:
+                best, best_ctx = acc, learner.ctx.detach().clone()
+    return best_ctx, {"domain": pool.name, "val_acc": best, "history": history}
+
+
+@torch.no_grad()
+def expert_features(method: "GuiDG", contexts: torch.Tensor, classnames: Sequence[str]) -> torch.Tensor:
+    """Class features [K, C, D] of the experts' contexts [K, M, d] (computed once, frozen)."""
+    learner = PromptLearner(method.clip, method.tokenizer, classnames, n_ctx=contexts.shape[1], init=None,
+                            freeze=False).to(contexts.device)
+    out = []
+    for ctx in contexts:
+        learner.ctx.copy_(ctx)
+        out.append(learner().float())
+    return torch.stack(out)
+
+
+def fit_guidg(method: "GuiDG", items: Sequence[Datum], classnames: Sequence[str], templates: Sequence[str],
+              val_items: Sequence[Datum] | None, progress: bool) -> TrainResult:
+    """Step 1 (one expert per source pool, when guided), then step 2 (tower + attention, or tower alone)."""
+    from .guidg import CrossModalAttention
+
+    cfg, hp = method.cfg, method.hp
+    device = resolve_device(cfg.device)
+    set_seed(cfg.seed)
+    method.to(device)
+    t0 = time.perf_counter()
+    pools = source_pools(items, classnames, templates, val_items, hp["subdomains"], cfg.seed)
+    method.classnames, method.expert_names = list(classnames), [p.name for p in pools]
+    result = TrainResult()
+    if method.guided:
+        experts = [train_expert(method, p, classnames, progress) for p in pools]
+        method.ctx = nn.Parameter(torch.stack([c for c, _ in experts]), requires_grad=False)
+        method.expert_text = expert_features(method, method.ctx, classnames)
+        result.history += [{"stage": "expert", **info} for _, info in experts]
+        T = method.expert_text
+        method.attn = CrossModalAttention(T.shape[-1], len(classnames), hp["heads"]).to(device)
+    else:
+        with torch.no_grad(), method.zero_shot(), autocast(device, cfg.precision):
+            T = method.prompt_features(classnames, templates)[None].float()
+
+    params = method.trainable()
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = cfg.epochs * hp["iterations"]
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    stepper = GradRegStep(params, optimizer, mode=method.step, rho=cfg.rho, alpha=cfg.alpha, delta=cfg.delta)
+    transform = guidance_transform(method.clip, hp["aug_randaugment"])
+    data = [ImageDataset(p.val, transform) for p in pools]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    method.train()
+    bar = tqdm(total=total, desc=f"train {cfg.method}", disable=not progress, leave=False)
+    for epoch in range(cfg.epochs):
+        loss_sum = 0.0
+        for _ in range(hp["iterations"]):
+            batches = [[ds[i] for i in torch.randint(len(ds), (cfg.batch_size,), generator=gen).tolist()] for ds in data]
+            images = torch.stack([x for b in batches for x, _ in b]).to(device)
+            labels = torch.tensor([y for b in batches for _, y in b], device=device)
+
+            def closure() -> torch.Tensor:
+                with autocast(device, cfg.precision):
+                    f = method.encode_image(images)
+                    losses = [method.guided_loss(fd, yd, T) for fd, yd in
+                              zip(f.split(cfg.batch_size), labels.split(cfg.batch_size))]
+                return torch.stack(losses).mean()
+
+            loss = stepper.step(closure)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at epoch {epoch + 1} of {cfg.method}; lower lr (now {cfg.lr})")
+            scheduler.step()
+            method.after_step(result.steps, total)
+            result.steps += 1
+            loss_sum += loss.item()
+            bar.update(1)
+        method.after_epoch()
+        result.history.append({"stage": "guided", "epoch": epoch + 1, "loss": loss_sum / hp["iterations"],
+                               "lr": scheduler.get_last_lr()[0]})
+    bar.close()
+    method.finish()
+    method.eval()
+    result.seconds = time.perf_counter() - t0
+    return result

@@ -1,0 +1,270 @@
+"""GuiDG: cross-modal attention, the guided loss, the baselines' terms, experts per domain, and the
+leave-one-domain-out protocol, against direct computations."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from glad_core import params as P
+from glad_core.data import Datum
+from glad_core.lora import lora_layers
+from glad_core.methods import build
+from glad_core.methods.guidg import (CrossModalAttention, GuiDG, batch_mean_weights, beta_weight, margin_logits,
+                                     ueo_term, wise_ft_)
+from glad_core.methods.guidg_train import source_pools
+from glad_core.train import TrainConfig
+
+CLASSES, TEMPLATES = ["red", "green", "blue"], ["a photo of {}."]
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+FAST = {"iterations": 2, "expert_epochs": 2, "expert_eval_every": 1, "expert_batch_size": 4, "n_ctx": 4,
+        "aug_randaugment": False}
+
+
+def _method(tiny_clip, name: str = "guidg", **hparams) -> GuiDG:
+    clip, _, tok = tiny_clip
+    cfg = TrainConfig(method=name, device="cpu", epochs=1, batch_size=2, lr=1e-3, hparams={**FAST, **hparams})
+    return build(clip, tok, cfg)
+
+
+def _items(tmp_path, domains=("photo", "sketch"), per_class: int = 2) -> list[Datum]:
+    """Tiny coloured images per domain and class (sketch: a lighter shade)."""
+    items = []
+    for d in domains:
+        for y, c in enumerate(CLASSES):
+            for i in range(per_class):
+                rgb = COLORS[c] if d != "sketch" else tuple(min(255, v + 60) for v in COLORS[c])
+                path = tmp_path / d / c / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (40 + 4 * i, 40), rgb).save(path)
+                items.append(Datum(str(path), y, c, d))
+    return items
+
+
+def test_cross_modal_attention_matches_a_naive_loop():
+    torch.manual_seed(0)
+    B, K, C, D, H = 3, 4, 5, 6, 4
+    attn = CrossModalAttention(D, C, heads=H)
+    f, T = torch.randn(B, D), F.normalize(torch.randn(K, C, D), dim=-1)
+    expected = torch.zeros(B, K)
+    for q, a in zip(attn.query, attn.key):
+        for b in range(B):
+            query = q.weight @ f[b] + q.bias
+            sims = []
+            for k in range(K):
+                key = sum(a.weight[0, c] * T[k, c] for c in range(C)) + a.bias[0]
+                sims.append(float((query @ key / (query.norm() * key.norm())).detach()))
+            e = [math.exp(s) for s in sims]
+            expected[b] += torch.tensor([x / sum(e) for x in e])
+    torch.testing.assert_close(attn(f, T), expected / H, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="trained on 5 classes"):
+        attn(f, T[:, :4])
+
+
+def test_batch_averaged_and_per_image_inference(tiny_clip):
+    method = _method(tiny_clip, attn_batch=2)
+    torch.manual_seed(1)
+    K, C, D = 3, 3, 32
+    method.attn = CrossModalAttention(D, C)
+    T = F.normalize(torch.randn(K, C, D), dim=-1)
+    f = F.normalize(torch.randn(5, D), dim=-1)
+    w = method.attn(f, T)
+    per_expert = [method.logit_scale * f @ T[k].t() for k in range(K)]
+    image = sum(w[:, k:k + 1] * per_expert[k] for k in range(K))
+    torch.testing.assert_close(method.logits(f, T, "image"), image)
+    chunks = [w[:2].mean(0), w[:2].mean(0), w[2:4].mean(0), w[2:4].mean(0), w[4]]  # chunks of attn_batch = 2
+    batch = torch.stack([sum(chunks[b][k] * per_expert[k][b] for k in range(K)) for b in range(5)])
+    torch.testing.assert_close(method.logits(f, T, "batch"), batch)
+    torch.testing.assert_close(batch_mean_weights(w, 2)[4], w[4])
+    # per image: independent of the order; batch-averaged: not
+    perm = torch.tensor([4, 0, 3, 1, 2])
+    torch.testing.assert_close(method.logits(f[perm], T, "image"), image[perm])
+    assert not torch.allclose(method.logits(f[perm], T, "batch"), batch[perm])
+
+
+def test_guided_loss_is_the_attention_weighted_sum_of_expert_cross_entropies(tiny_clip):
+    method = _method(tiny_clip)
+    torch.manual_seed(2)
+    K, C, D = 3, 3, 32
+    method.attn = CrossModalAttention(D, C)
+    T = F.normalize(torch.randn(K, C, D), dim=-1)
+    f, y = F.normalize(torch.randn(4, D), dim=-1), torch.tensor([0, 2, 1, 1])
+    w = method.attn(f, T).mean(0)
+    expected = sum(w[k] * F.cross_entropy(method.logit_scale * f @ T[k].t(), y) for k in range(K))
+    torch.testing.assert_close(method.guided_loss(f, y, T), expected)
+
+
+def test_baseline_terms_against_their_formulas():
+    torch.manual_seed(3)
+    z = torch.randn(6, 4)
+    p = z.softmax(-1)
+    entropy = lambda q: -(q * q.log()).sum(-1)  # noqa: E731
+    torch.testing.assert_close(ueo_term(z), entropy(p).mean() - entropy(p.mean(0)))
+    f, T = F.normalize(torch.randn(3, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    y = torch.tensor([1, 3, 0])
+    expected = torch.tensor([[10 * (float(f[b] @ T[c]) - 0.3 * float(T[y[b]] @ T[c])) for c in range(4)]
+                             for b in range(3)])
+    torch.testing.assert_close(margin_logits(f, T, y, torch.tensor(10.0), 0.3), expected)
+    for t, total in ((0, 10), (4, 10), (9, 10)):  # Beta(1/2, 1/2) density = 1 / (π √(x (1 − x)))
+        x = (t + 0.5) / (total + 1)
+        assert beta_weight(t, total, 0.5) == pytest.approx(1 / (math.pi * math.sqrt(x * (1 - x))))
+    assert beta_weight(3, 10, 1.0) == pytest.approx(1.0)
+
+
+def test_wise_ft_interpolates_the_weights(tiny_clip):
+    method = _method(tiny_clip)  # full fine-tuning of a copy of the tower
+    with torch.no_grad():
+        for p in method.visual.parameters():
+            p.add_(torch.randn_like(p))
+    tuned = [p.detach().clone() for p in method.visual.parameters()]
+    wise_ft_(method, 0.5)
+    for p, t, p0 in zip(method.visual.parameters(), tuned, method.clip.visual.parameters()):
+        torch.testing.assert_close(p, 0.5 * p0 + 0.5 * t)
+
+
+def test_wise_ft_with_lora_is_the_weight_interpolation(tiny_config):
+    import open_clip
+
+    torch.manual_seed(0)
+    clip, _, _ = open_clip.create_model_and_transforms(tiny_config, pretrained=None)
+    method = build(clip, open_clip.get_tokenizer(tiny_config),
+                   TrainConfig(method="erm_wf", device="cpu", hparams={"tune": "lora"}))
+    layer = lora_layers(clip)[0]
+    with torch.no_grad():
+        for p in method.trainable():
+            p.add_(0.1 * torch.randn_like(p))
+    w0 = layer.base.in_proj_weight.detach().clone()
+    layer.merge()
+    w_tuned = layer.base.in_proj_weight.detach().clone()
+    layer.unmerge()
+    wise_ft_(method, 0.5)
+    layer.merge()
+    torch.testing.assert_close(layer.base.in_proj_weight, 0.5 * w0 + 0.5 * w_tuned, atol=1e-6, rtol=1e-5)
+    layer.unmerge()
+
+
+def test_source_pools_per_domain_and_subdomains(tmp_path):
+    items = _items(tmp_path, per_class=4)
+    pools = source_pools(items, CLASSES, TEMPLATES, None, subdomains=3, seed=1)
+    assert [p.name for p in pools] == ["photo", "sketch"]
+    for p in pools:
+        assert {d.domain for d in p.train + p.val} == {p.name}
+        assert not {d.impath for d in p.train} & {d.impath for d in p.val}
+    single = [Datum(d.impath, d.label, d.classname) for d in items]
+    pools = source_pools(single, CLASSES, TEMPLATES, None, subdomains=2, seed=1)
+    assert len(pools) == 2
+    assert sorted(d.impath for p in pools for d in p.train + p.val) == sorted(d.impath for d in single)
+
+
+def test_experts_are_trained_per_domain_and_zero_shot_switch_after_fit(tiny_clip, tmp_path, monkeypatch):
+    from glad_core.methods import guidg_train
+
+    clip, _, tok = tiny_clip
+    items = _items(tmp_path, per_class=2)
+    val = _items(tmp_path / "val", per_class=1)
+    seen: dict[str, set] = {}
+    real = guidg_train.train_expert
+
+    def spy(method, pool, classnames, progress):
+        seen[pool.name] = {d.domain for d in pool.train + pool.val}
+        return real(method, pool, classnames, progress)
+
+    monkeypatch.setattr(guidg_train, "train_expert", spy)
+    method = _method(tiny_clip)
+    before = [p.detach().clone() for p in method.visual.parameters()]
+    result = method.fit(items, CLASSES, TEMPLATES, progress=False, val_items=val)
+    assert seen == {"photo": {"photo"}, "sketch": {"sketch"}}
+    assert method.expert_names == ["photo", "sketch"] and method.expert_text.shape == (2, 3, 32)
+    assert result.steps == 2 and {h["stage"] for h in result.history} == {"expert", "guided"}
+    assert any(not torch.equal(a, b) for a, b in zip(before, method.visual.parameters()))
+    assert {"ctx"} <= set(method.trained_state()) and any(k.startswith("attn.") for k in method.trained_state())
+
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        text = F.normalize(clip.encode_text(tok([TEMPLATES[0].format(c) for c in CLASSES])), dim=-1)
+        expected = clip.logit_scale.exp() * F.normalize(clip.encode_image(images), dim=-1) @ text.T
+        with method.zero_shot():
+            zs = method.logits(method.encode_image(images), method.class_features(CLASSES, TEMPLATES))
+        tuned = method.logits(method.encode_image(images), method.class_features(CLASSES, TEMPLATES))
+    torch.testing.assert_close(zs, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(tuned, expected, atol=1e-4)
+    metrics = method.guidance_metrics(F.normalize(torch.randn(4, 32), dim=-1), torch.tensor([0, 1, 2, 0]))
+    assert set(metrics["experts"]) == {"photo", "sketch"}
+    assert sum(metrics["mean_weights"].values()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="trained on the classes"):
+        method.class_features(["a", "b", "c"], TEMPLATES)
+
+
+def test_unguided_baseline_and_clipood_bma_run(tiny_clip, tmp_path):
+    items = _items(tmp_path, per_class=2)
+    for name in ("erm_wf", "clipood"):
+        method = _method(tiny_clip, name)
+        result = method.fit(items, CLASSES, TEMPLATES, progress=False)
+        assert result.steps == 2 and method.attn is None and not method.has_experts
+    # clipood: after training the parameters are the Beta-weighted average of the iterates
+    method = _method(tiny_clip, "clipood")
+    iterates = []
+    method.after_step = (lambda orig: lambda s, t: (iterates.append([p.detach().clone() for p in method.trainable()]),
+                                                    orig(s, t)))(method.after_step)
+    method.fit(items, CLASSES, TEMPLATES, progress=False)
+    w = [beta_weight(s, 2, 0.1) for s in range(2)]
+    for i, p in enumerate(method.trainable()):
+        torch.testing.assert_close(p, sum(wi * it[i] for wi, it in zip(w, iterates)) / sum(w))
+
+
+def test_multi_source_params_expand_held_out_domains():
+    cells = P.cells({"protocol": "multi_source_dg", "datasets": ["mini_pacs"], "methods": ["zeroshot", "guidg"]})
+    assert [(c.targets[0], c.train.method) for c in cells][:3] == [("photo", "zeroshot"), ("photo", "guidg"),
+                                                                   ("clip_art", "zeroshot")]
+    assert len(cells) == 8 and len({c.record_path for c in cells}) == 8
+    with pytest.raises(P.ParamError, match="not domains of 'mini_pacs'"):
+        P.validate({"protocol": "multi_source_dg", "datasets": ["mini_pacs"], "held_out": ["painting"]})
+    with pytest.raises(P.ParamError, match="multi-domain set"):
+        P.validate({"protocol": "multi_source_dg", "datasets": ["tuxpaint"]})
+    with pytest.raises(P.ParamError, match="only the multi_source_dg"):
+        P.validate({"protocol": "base_to_novel", "datasets": ["tuxpaint"], "held_out": ["photo"]})
+
+
+def _mini_pacs_ready() -> bool:
+    from glad_core.paths import cache_dir
+    return (cache_dir() / "data" / "mini_pacs" / "split_glad_sketch_seed1.json").is_file()
+
+
+@pytest.mark.skipif(not _mini_pacs_ready(), reason="mini-PACS demo data not built (python -m glad_core prepare)")
+def test_leave_one_domain_out_on_mini_pacs(tmp_path):
+    import pandas as pd
+
+    from glad_core.protocols import run_cell
+    from glad_core.report import multi_source_comparison
+    from glad_core.results import collect
+
+    p = P.load(Path(__file__).resolve().parents[1] / "params" / "multi_source_dg" / "smoke.yaml", results_dir=str(tmp_path))
+    records = [run_cell(c, progress=False) for c in P.cells(p)]
+    for rec in records:
+        held = rec["params"]["targets"][0]
+        assert held not in rec["train"]["sources"] and len(rec["train"]["sources"]) == 3
+        assert set(rec["metrics"]) == {held} and 0 <= rec["metrics"][held] <= 1
+    guided = [r for r in records if r["cell"]["method"] == "guidg"]
+    assert guided and set(guided[0]["guidance"]["experts"]) == set(guided[0]["train"]["sources"])
+    table = multi_source_comparison(collect(tmp_path))
+    assert isinstance(table, pd.DataFrame) and "average" in table.columns
+
+
+def test_report_averages_only_complete_rows():
+    import pandas as pd
+
+    from glad_core.report import multi_source_comparison
+
+    rows = [("zeroshot", "a", 1, 0.5), ("zeroshot", "b", 1, 0.7), ("zeroshot", "a", 2, 0.7),
+            ("guidg", "a", 1, 0.9)]
+    df = pd.DataFrame([{"protocol": "multi_source_dg", "dataset": "mini_pacs", "method": m, "backbone": "glad-mini",
+                        "shots": 1, "setting": "", "seed": s, "split": h, "acc": a, "record": ""}
+                       for m, h, s, a in rows])
+    t = multi_source_comparison(df)
+    assert t.loc[("mini_pacs", "glad-mini", 1, "", "zeroshot"), "a"] == pytest.approx(60.0)
+    assert t.loc[("mini_pacs", "glad-mini", 1, "", "zeroshot"), "average"] == pytest.approx(65.0)
+    assert math.isnan(t.loc[("mini_pacs", "glad-mini", 1, "", "guidg"), "average"])
