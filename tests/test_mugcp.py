@@ -88,8 +88,7 @@ def test_add_fusion_starts_at_coop(vit):
                                    coop.class_features(CLASSES, PLAIN).expand(3, -1, -1), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("backbone,size", [("vit", 32), ("mini", 224)])
-@pytest.mark.parametrize("fusion", ["concat", "add"])
+@pytest.mark.parametrize("backbone,size,fusion", [("vit", 32, "concat"), ("vit", 32, "add"), ("mini", 224, "concat")])
 def test_batched_class_embeddings_equal_per_image(request, backbone, size, fusion):
     method = _method(request.getfixturevalue(backbone), fusion=fusion)
     with torch.no_grad():
