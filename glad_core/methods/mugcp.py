@@ -49,7 +49,7 @@ def _is_bool(v) -> str | None:
 
 
 def _source(v) -> str | None:
-    return None if v is None or isinstance(v, str) else "must be 'tuxpaint', a descriptions JSON path, or null"
+    return None if isinstance(v, str) else "must be 'tuxpaint', a descriptions JSON path, or '' (none)"
 
 
 MUGCP_HPARAMS = {
@@ -59,10 +59,9 @@ MUGCP_HPARAMS = {
     "fusion": Hparam("concat", "MPF operator: 'concat' (extra prompt tokens) or 'add' (shift of the context)",
                      one_of(FUSIONS)),
     "amg_heads": Hparam(4, "attention heads of each AMG direction (d_token must be divisible by it)", in_range(1)),
-    "descriptions": Hparam(None, "per-image descriptions: 'tuxpaint' or a descriptions JSON path", _source),
-    "test_descriptions": Hparam(None, "what test images get: 'retrieval' (default for human texts) or 'images' "
-                                "(default for MLLM files)", lambda v: None if v in (None, "retrieval", "images")
-                                else "must be 'retrieval', 'images' or null"),
+    "descriptions": Hparam("", "per-image descriptions: 'tuxpaint' or a descriptions JSON path ('' = none)", _source),
+    "test_descriptions": Hparam("auto", "what test images get: 'retrieval' or 'images'; 'auto': retrieval for human "
+                                "texts, the file's own for MLLM ones", one_of(("auto", "retrieval", "images"))),
     "oracle": Hparam(False, "give test images their own human descriptions (an upper bound, recorded)", _is_bool),
     "step_rule": Hparam("none", "update rule: 'none', 'sam' or 'gradreg' (glad_core.gradreg)", one_of(STEPS)),
 }
@@ -253,11 +252,11 @@ class MuGCP(CoOp):
         """Build the description provider from the hyper-parameters (indexed on the training images), then
         train with the shared loop."""
         if self.conditioned and self.provider is None:
-            if self.hp["descriptions"] is None:
+            if not self.hp["descriptions"]:
                 raise DescriptionError("mugcp with SCP or VCP on needs descriptions: set the hyper-parameter "
                                        "'descriptions' to 'tuxpaint' or a descriptions JSON path (or scp=vcp=false).")
-            provider = make_provider(self.hp["descriptions"], test=self.hp["test_descriptions"],
-                                     oracle=self.hp["oracle"])
+            test = None if self.hp["test_descriptions"] == "auto" else self.hp["test_descriptions"]
+            provider = make_provider(self.hp["descriptions"], test=test, oracle=self.hp["oracle"])
             if provider.test == "retrieval":
                 from open_clip.transform import PreprocessCfg, image_transform_v2
 
