@@ -175,3 +175,44 @@ def test_tiny_fit_on_tuxpaint_with_its_descriptions(tiny_clip):
     r = evaluate(method, test, classes, splits.templates, preprocess, progress=False)
     assert r["n"] == len(test) and 0.0 <= r["acc"] <= 1.0
     assert set(method._text_cache) == train_texts  # test images got training texts (retrieval), no others
+
+
+def test_contract_trained_state_and_zero_shot_switch(vit):
+    """test_methods.py's contract tests for MuGCP (which needs descriptions): what it saves is exactly what
+    requires grad, the backbone is frozen, and zero_shot() gives the untouched backbone's logits."""
+    method = _method(vit)
+    clip, tok = vit
+    assert set(method.trained_state()) == {k for k, p in method.named_parameters() if p.requires_grad}
+    assert not any(p.requires_grad for p in clip.parameters())
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        text = F.normalize(clip.encode_text(tok([PLAIN[0].format(c) for c in CLASSES])), dim=-1)
+        expected = clip.logit_scale.exp() * F.normalize(clip.encode_image(images), dim=-1) @ text.T
+        method.use_items(ITEMS, "test")
+
+        def logits():
+            f = method.encode_image(images)
+            return method.logits(f, method.class_features(CLASSES, PLAIN, f))
+        tuned = logits()
+        with method.zero_shot():
+            torch.testing.assert_close(logits(), expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(tuned, expected, atol=1e-4)
+        torch.testing.assert_close(logits(), tuned)
+
+
+def test_shared_loop_tells_the_method_each_batch_items(vit, monkeypatch):
+    """train() and evaluate() hand MuGCP the Datum items of every batch, in batch order."""
+    from glad_core.train import evaluate, train
+
+    seen = []
+    method = _method(vit)
+    original = method.use_items
+    monkeypatch.setattr(method, "use_items", lambda items, split: (seen.append((split, list(items))),
+                                                                   original(items, split)))
+    monkeypatch.setattr("glad_core.data.open_rgb", lambda path: __import__("PIL.Image").Image.new("RGB", (40, 40)))
+    method.cfg.epochs, method.cfg.batch_size, method.cfg.eval_batch_size = 1, 2, 2
+    assert train(method, ITEMS, CLASSES, PLAIN, progress=False).steps == 2
+    r = evaluate(method, ITEMS, CLASSES, PLAIN, lambda im: torch.zeros(3, 32, 32), progress=False)
+    train_batches = [b for s, b in seen if s == "train"]
+    assert sorted(d.impath for b in train_batches for d in b) == sorted(d.impath for d in ITEMS)
+    assert [b for s, b in seen if s == "test"] == [ITEMS[:2], ITEMS[2:]] and r["n"] == 3
