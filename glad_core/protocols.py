@@ -200,6 +200,7 @@ def run_cell(cell: Cell, progress: bool = True, overwrite: bool = False) -> dict
         "train": {"classes": train_split.num_classes, "images": len(train_split.train),
                   "history": history.history if history else [], "steps": history.steps if history else 0,
                   "seconds": history.seconds if history else 0.0, "reused_adapter": reused},
+        **method.record_info(),  # e.g. MuGCP's description provider (kind, name, oracle switch)
         "timings": {"train_s": t_train, "eval_s": time.perf_counter() - t_start - t_train,
                     "total_s": time.perf_counter() - t_start},
         **environment(),

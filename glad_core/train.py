@@ -214,7 +214,8 @@ def train(method: Method, items: Sequence[Datum], classnames: Sequence[str], tem
     params = method.trainable()
     if not params:
         return TrainResult()
-    loader_set = ImageDataset(items, train_transform(method.clip, cfg.aug_scale_min, cfg.aug_flip))
+    items = list(items)
+    loader_set = _Indexed(ImageDataset(items, train_transform(method.clip, cfg.aug_scale_min, cfg.aug_flip)))
     steps_per_epoch = math.ceil(len(loader_set) / cfg.batch_size)
     total = steps or cfg.epochs * steps_per_epoch
     optimizer = method.optimizer(params)
@@ -238,9 +239,10 @@ def train(method: Method, items: Sequence[Datum], classnames: Sequence[str], tem
                                              num_workers=cfg.num_workers,
                                              generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         loss_sum, correct, seen = 0.0, 0, 0
-        for images, labels in loader:
+        for images, labels, index in loader:
             if result.steps == total:
                 break
+            method.use_items([items[i] for i in index.tolist()], "train")
             images, labels = images.to(device), labels.to(device)
             first_logits: list[torch.Tensor] = []
             loss = step(images, labels, first_logits)
@@ -267,6 +269,19 @@ def train(method: Method, items: Sequence[Datum], classnames: Sequence[str], tem
     bar.close()
     method.eval()
     return result
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """(image, label, index) of a dataset: the training loop tells the method each batch's items (`use_items`)."""
+
+    def __init__(self, dataset: ImageDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        return (*self.dataset[i], i)
 
 
 @torch.no_grad()
@@ -297,13 +312,18 @@ def evaluate(method: Method, items: Sequence[Datum], classnames: Sequence[str], 
         if not method.per_image:
             with autocast(device, cfg.precision):
                 text = method.class_features(classnames, templates).float()
-        feats, labels = image_features(method, items, transform, cfg.eval_batch_size, cfg.num_workers, progress, desc)
-        preds = []
-        for f in feats.split(cfg.eval_batch_size):
+        loader = torch.utils.data.DataLoader(ImageDataset(items, transform), batch_size=cfg.eval_batch_size,
+                                             num_workers=cfg.num_workers)
+        preds, labels, start = [], [], 0
+        for images, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            method.use_items(items[start:start + len(y)], "test")  # batch by batch: per-image methods
+            start += len(y)                                         # score each batch right after encoding it
             with autocast(device, cfg.precision):
+                f = method.encode_image(images.to(device))
                 t = text if text is not None else method.class_features(classnames, templates, f).float()
             preds.append(method.logits(f, t).argmax(-1))
-        pred = torch.cat(preds)
+            labels.append(y.to(device))
+        pred, labels = torch.cat(preds), torch.cat(labels)
     hit = (pred == labels).float()
     per_class = {c: (hit[labels == k].mean().item() if (labels == k).any() else float("nan"))
                  for k, c in enumerate(classnames)}

@@ -10,7 +10,9 @@ A method wraps a backbone (an open_clip model) and says:
   and the zero-shot reference are computed inside it, so no learned part leaks into them;
 - its loss (`loss`, by default CE + λ·KL to the zero-shot model) and its step ("none", "sam" or
   "gradreg", `glad_core.gradreg`); its optimizer and schedule (`optimizer`, `scheduler`);
-- `fit`, only when it trains in stages of its own (the default is `glad_core.train.train`'s loop).
+- `fit`, only when it trains in stages of its own (the default is `glad_core.train.train`'s loop);
+- optionally, `use_items` (told each batch's `Datum` items before scoring it, for methods conditioned on
+  per-image data such as descriptions) and `record_info` (extra facts for the results record).
 
 A method declares its own hyper-parameters (`hparams`: name -> `Hparam`) and the shared knobs it sets
 differently from `TrainConfig` (`defaults`). `register` makes it a name for parameter files, the
@@ -172,6 +174,15 @@ class Method(nn.Module):
             yield
         finally:
             unmerge_lora(self.clip)
+
+    def use_items(self, items: Sequence, split: str) -> None:
+        """The `Datum` items of the batch scored next, in batch order, before its `encode_image`: `split` is
+        "train" (the training loop) or "test" (`evaluate`). Default: ignored; a method conditioned on
+        per-image data other than pixels (MuGCP's descriptions) keeps them for its `class_features`."""
+
+    def record_info(self) -> dict[str, Any]:
+        """Facts about how this run's numbers were obtained, added to its results record (default: none)."""
+        return {}
 
     # --- how it trains -------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, log_p_zs: torch.Tensor | None,
