@@ -160,7 +160,8 @@ def run_cell(cell: Cell, progress: bool = True, overwrite: bool = False) -> dict
     train_split = subsample_classes(source, "base") if cell.protocol == "base_to_novel" else source
     adapter = cell.adapter_path()
     checkpoint = adapter.with_suffix(".ckpt")
-    reused = cell.protocol != "base_to_novel" and bool(method.trainable()) and adapter.exists()
+    reused = (cell.protocol != "base_to_novel" and bool(method.trainable()) and adapter.exists()
+              and not method.builds_in_fit)
     if reused:
         load_trained(method, adapter)
         history = None
@@ -259,6 +260,7 @@ def run_multi_source_cell(cell: Cell, progress: bool = True) -> dict[str, Any]:
         "per_class": {held: r["per_class"]},
         "test_sizes": {held: r["n"]},
         "guidance": guidance,
+        **method.record_info(),
         "train": {"sources": list(sources), "classes": len(md.classnames), "images": len(train_items),
                   "val_images": len(val_items), "history": history.history if history else [],
                   "steps": history.steps if history else 0, "seconds": history.seconds if history else 0.0},

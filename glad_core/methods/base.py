@@ -116,6 +116,8 @@ class Method(nn.Module):
     defaults: ClassVar[dict[str, Any]] = {}
     per_image: ClassVar[bool] = False  # class_features depend on the image features
     trains: ClassVar[bool] = True      # False: nothing to train (no record of training, no landscape)
+    builds_in_fit: ClassVar[bool] = False  # True: `fit` builds what scoring needs (experts, a description
+                                           # index), so a saved state alone is not reused: the cell fits
     step: str = "none"                 # "none" | "sam" | "gradreg"
 
     def __init__(self, clip: nn.Module, tokenizer: Callable, cfg: "TrainConfig"):

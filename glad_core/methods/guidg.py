@@ -136,6 +136,7 @@ class GuiDG(Method):
     hparams: ClassVar[dict[str, Hparam]] = {**COMMON_HPARAMS, **GUIDE_HPARAMS, **WISE_HPARAMS}
     defaults = GUIDG_DEFAULTS
     uses_val_pool: ClassVar[bool] = True  # `fit` takes the sources' val pools (the guidance data)
+    builds_in_fit: ClassVar[bool] = True  # the experts and the attention exist only after `fit`
 
     def __init__(self, clip: nn.Module, tokenizer: Callable, cfg, guided: bool = True):
         super().__init__(clip, tokenizer, cfg)

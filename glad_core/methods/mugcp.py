@@ -105,6 +105,7 @@ class MuGCP(CoOp):
     """MuGCP: context fused with description (SCP) and attention-guided visual (VCP) prompt tokens."""
 
     per_image = True
+    builds_in_fit = True  # the description provider and its retrieval index are built by `fit`
     hparams = MUGCP_HPARAMS
 
     def __init__(self, clip: nn.Module, tokenizer: Callable, cfg):
