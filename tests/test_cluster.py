@@ -150,7 +150,7 @@ def test_units_stay_on_one_worker_and_each_worker_runs_one_cell_at_a_time(local_
     files = [SMOKE / f"{p}.yaml" for p in ("base_to_novel", "ablation", "cross_dataset", "domain_generalization")]
     jobs = batch.plan(files, {"results_dir": str(tmp_path / "results"), "seeds": [1, 2]})
     units = {job.unit for job in jobs}
-    assert len(jobs) == 16 and len(units) == 14  # two units of two cells: transfer cells sharing one adapter
+    assert len(jobs) == 20 and len(units) == 18  # two units of two cells: transfer cells sharing one adapter
     log = tmp_path / "log.jsonl"
     assert cluster.run(jobs, local_client, task=partial(_where, log), progress=False, pin_gpus=True) == []
     resources = {w["name"]: w["resources"] for w in local_client.scheduler_info()["workers"].values()}
