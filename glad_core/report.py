@@ -134,6 +134,8 @@ def _average_over_datasets(df: pd.DataFrame) -> pd.DataFrame:
 
 def _paper_hm(t: pd.DataFrame) -> pd.DataFrame:
     """HM cells as the paper prints them: the HM of the same row's (seed-averaged) base and novel means."""
+    if not (t["split"] == "hm").any():  # no records (an empty report), nothing to recompute
+        return t
     keys = [k for k in t.columns if k not in ("split", "mean", "std", "seeds")]
     wide = t.pivot_table(index=keys, columns="split", values="mean", sort=False)
     hm = {k: 100 * harmonic_mean(b / 100, n / 100) for k, b, n in zip(wide.index, wide["base"], wide["novel"])}

@@ -240,3 +240,13 @@ def test_report_hm_is_the_hm_of_seed_averaged_base_and_novel():
     b, n = 100 * (0.9 + 0.6) / 2, 100 * (0.5 + 0.8) / 2
     assert t.loc["hm", "mean"] == pytest.approx(2 * b * n / (b + n))
     assert t.loc["hm", "mean"] != pytest.approx(100 * (2 * .9 * .5 / 1.4 + 2 * .6 * .8 / 1.4) / 2)
+
+
+def test_report_tables_of_an_empty_results_folder_are_empty(tmp_path):
+    """A fresh clone's report notebook (no records yet) shows empty tables, not an error."""
+    from glad_core.report import paper_tables
+    from glad_core.results import collect
+
+    tables = paper_tables(collect(tmp_path))
+    assert list(tables) == ["base_to_novel", "cross_dataset", "domain_generalization", "ablation"]
+    assert all(t.empty for t in tables.values())
