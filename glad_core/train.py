@@ -149,11 +149,11 @@ class Step:
         self.precision = precision or self.cfg.precision
         self.optimizer = optimizer
         with torch.no_grad(), method.zero_shot(), self.autocast():
-            self.zs_text = method.class_features(self.classnames, self.templates).float()
+            self.zs_text = method.class_features(self.classnames, self.templates).to(method.dtype)
         self.fixed_text = None
         if not method.text_trained and not method.per_image:
             with torch.no_grad(), self.autocast():
-                self.fixed_text = method.class_features(self.classnames, self.templates).float()
+                self.fixed_text = method.class_features(self.classnames, self.templates).to(method.dtype)
 
     @functools.cached_property
     def stepper(self) -> GradRegStep:
@@ -176,10 +176,10 @@ class Step:
         m = self.method
         if m.per_image:
             f_i = m.encode_image(images)
-            text = m.class_features(self.classnames, self.templates, f_i).float()
+            text = m.class_features(self.classnames, self.templates, f_i).to(m.dtype)
         else:  # text first, then image: the order of their dropout draws
             text = self.fixed_text if self.fixed_text is not None else m.class_features(
-                self.classnames, self.templates).float()
+                self.classnames, self.templates).to(m.dtype)
             f_i = m.encode_image(images)
         return m.logits(f_i, text), text
 
@@ -311,7 +311,7 @@ def evaluate(method: Method, items: Sequence[Datum], classnames: Sequence[str], 
         text = None
         if not method.per_image:
             with autocast(device, cfg.precision):
-                text = method.class_features(classnames, templates).float()
+                text = method.class_features(classnames, templates).to(method.dtype)
         loader = torch.utils.data.DataLoader(ImageDataset(items, transform), batch_size=cfg.eval_batch_size,
                                              num_workers=cfg.num_workers)
         preds, labels, start = [], [], 0
@@ -320,7 +320,7 @@ def evaluate(method: Method, items: Sequence[Datum], classnames: Sequence[str], 
             start += len(y)                                         # score each batch right after encoding it
             with autocast(device, cfg.precision):
                 f = method.encode_image(images.to(device))
-                t = text if text is not None else method.class_features(classnames, templates, f).float()
+                t = text if text is not None else method.class_features(classnames, templates, f).to(method.dtype)
             preds.append(method.logits(f, t).argmax(-1))
             labels.append(y.to(device))
         pred, labels = torch.cat(preds), torch.cat(labels)

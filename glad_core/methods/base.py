@@ -141,16 +141,21 @@ class Method(nn.Module):
 
     # --- how it scores -------------------------------------------------------------------------
     @property
+    def dtype(self) -> torch.dtype:
+        """The model's own dtype (float32; float64 in numerical checks): features are cast to it after autocast."""
+        return self.clip.logit_scale.dtype
+
+    @property
     def logit_scale(self) -> torch.Tensor:
         return self.clip.logit_scale.exp()
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised image features [B, D] (float32)."""
-        return F.normalize(self.clip.encode_image(images).float(), dim=-1)
+        """Normalised image features [B, D] in the model's dtype."""
+        return F.normalize(self.clip.encode_image(images).to(self.dtype), dim=-1)
 
     def prompt_features(self, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
         """Normalised features [C, D] of the hand-written prompts (templates averaged), through the text tower."""
-        return class_text_features(self.clip, self.tokenizer, classnames, templates, self.logit_scale.device).float()
+        return class_text_features(self.clip, self.tokenizer, classnames, templates, self.logit_scale.device).to(self.dtype)
 
     def class_features(self, classnames: Sequence[str], templates: Sequence[str],
                        image_features: torch.Tensor | None = None) -> torch.Tensor:
