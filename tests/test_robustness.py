@@ -115,7 +115,7 @@ def base_params(tiny_config, data_root, tmp_path) -> dict[str, Any]:
     ("alpha", -0.1, "[0, 1]"),
     ("rho", -0.05, "[0, inf]"),
     ("lr", "fast", "expected int/float"),
-    ("methods", ["glad", "coop"], "lora+gradreg"),
+    ("methods", ["glad", "gald"], "lora+gradreg"),
     ("datasets", ["eurosatt"], "eurosat"),
     ("protocol", "few_shot", "base_to_novel"),
     ("backbone", "ViT-B-33", "open_clip.list_models()"),
