@@ -32,7 +32,8 @@ from glad_core.data import Datum  # noqa: E402
 from glad_core.descriptions import DescriptionProvider, Descriptions  # noqa: E402
 from glad_core.methods import build  # noqa: E402
 from glad_core.train import Step, TrainConfig  # noqa: E402
-from prompts import SMOKE_CONFIG, SMOKE_MODEL, classnames, load, rounds, table  # noqa: E402
+from prompts import SMOKE_CONFIG, SMOKE_MODEL, classnames, load, table  # noqa: E402
+from timing import interleave  # noqa: E402
 
 WORDS = "a small bright object with round edges lying on a wooden table near the window".split()
 
@@ -69,7 +70,8 @@ def run(model: str, batch: int, classes: int, n_rounds: int, device: str, chunk:
         m.train()
         steps[k] = Step(m, names, ["a photo of a {}."], precision="fp32")
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    times = rounds({k: (lambda s=s: s(images, labels)) for k, s in steps.items()}, n_rounds, sync)
+    fns = {k: (lambda s=s: s(images, labels)) for k, s in steps.items()}
+    times = interleave(fns, n_rounds, warmup=list(fns), sync=sync)
     med = {k: statistics.median(ts) for k, ts in times.items()}
     where = f"{device}, batch {batch}, {classes} classes"
     rows = [dict(what=f"MuGCP step / CoCoOp step, same batch, CE only ({where}); "
@@ -97,7 +99,7 @@ def run(model: str, batch: int, classes: int, n_rounds: int, device: str, chunk:
             torch.cuda.reset_peak_memory_stats()
             fn()
             peaks[k] = torch.cuda.max_memory_allocated() / 2**20
-    t_eval = rounds(evals, max(1, n_rounds // 2), sync)
+    t_eval = interleave(evals, max(1, n_rounds // 2), warmup=list(evals), sync=sync)
     e = {k: statistics.median(ts) for k, ts in t_eval.items()}
     mem = f"; peak CUDA memory {peaks['mugcp']:.0f} MB vs {peaks['cocoop']:.0f} MB" if device.startswith("cuda") else ""
     rows.append(dict(what=f"evaluation of a batch of {batch} on 1000 classes in chunks of {chunk} prompts "
