@@ -75,6 +75,20 @@ def source_pools(items: Sequence[Datum], classnames: Sequence[str], templates: S
     return pools
 
 
+def expert_step(method: "GuiDG", learner: PromptLearner, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                labels: torch.Tensor) -> torch.Tensor:
+    """One step of an expert: frozen pretrained image features, CE of its prompt's logits, SGD on the context."""
+    device, precision = resolve_device(method.cfg.device), method.cfg.precision
+    with torch.no_grad(), method.zero_shot(), autocast(device, precision):
+        f = method.encode_image(images)
+    with autocast(device, precision):
+        loss = F.cross_entropy(method.logit_scale * f @ learner().float().t(), labels)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 def train_expert(method: "GuiDG", pool: "Pool", classnames: Sequence[str], progress: bool) -> tuple[torch.Tensor, dict]:
     """A CoOp expert on the frozen pretrained backbone: the selected context [M, d] and its history."""
     cfg, hp = method.cfg, method.hp
@@ -94,14 +108,7 @@ def train_expert(method: "GuiDG", pool: "Pool", classnames: Sequence[str], progr
                                              num_workers=cfg.num_workers,
                                              generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         for images, labels in loader:
-            images, labels = images.to(device), labels.to(device)
-            with torch.no_grad(), method.zero_shot(), autocast(device, cfg.precision):
-                f = method.encode_image(images)
-            with autocast(device, cfg.precision):
-                loss = F.cross_entropy(method.logit_scale * f @ learner().float().t(), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            loss = expert_step(method, learner, optimizer, images.to(device), labels.to(device))
             scheduler.step()
         if (epoch + 1) % hp["expert_eval_every"] == 0 or epoch + 1 == epochs:
             with torch.no_grad(), autocast(device, cfg.precision):
@@ -124,11 +131,43 @@ def expert_features(method: "GuiDG", contexts: torch.Tensor, classnames: Sequenc
     return torch.stack(out)
 
 
+def step2_classifiers(method: "GuiDG", contexts: Sequence[torch.Tensor] | None, classnames: Sequence[str],
+                      templates: Sequence[str]) -> torch.Tensor:
+    """Step 2's fixed classifiers [K, C, D], computed once: the experts' (their contexts installed with a
+    fresh cross-modal attention) or, unguided, the hand-written prompts' (K = 1)."""
+    from .guidg import CrossModalAttention
+
+    device = resolve_device(method.cfg.device)
+    if contexts is None:
+        with torch.no_grad(), method.zero_shot(), autocast(device, method.cfg.precision):
+            return method.prompt_features(classnames, templates)[None].float()
+    method.ctx = nn.Parameter(torch.stack(list(contexts)), requires_grad=False)
+    method.expert_text = expert_features(method, method.ctx, classnames)
+    method.attn = CrossModalAttention(method.expert_text.shape[-1], len(classnames), method.hp["heads"]).to(device)
+    return method.expert_text
+
+
+def guided_step(method: "GuiDG", stepper: GradRegStep, images: torch.Tensor, labels: torch.Tensor,
+                T: torch.Tensor) -> torch.Tensor:
+    """One step-2 iteration on the sources' batches (`batch_size` images each, concatenated): the tuned
+    tower encodes them in one call, the loss is the mean over sources of `guided_loss` against the fixed
+    classifiers T [K, C, D]; returns the loss."""
+    cfg = method.cfg
+    device = resolve_device(cfg.device)
+
+    def closure() -> torch.Tensor:
+        with autocast(device, cfg.precision):
+            f = method.encode_image(images)
+            losses = [method.guided_loss(fd, yd, T) for fd, yd in
+                      zip(f.split(cfg.batch_size), labels.split(cfg.batch_size))]
+        return torch.stack(losses).mean()
+
+    return stepper.step(closure)
+
+
 def fit_guidg(method: "GuiDG", items: Sequence[Datum], classnames: Sequence[str], templates: Sequence[str],
               val_items: Sequence[Datum] | None, progress: bool) -> TrainResult:
     """Step 1 (one expert per source pool, when guided), then step 2 (tower + attention, or tower alone)."""
-    from .guidg import CrossModalAttention
-
     cfg, hp = method.cfg, method.hp
     device = resolve_device(cfg.device)
     set_seed(cfg.seed)
@@ -139,14 +178,8 @@ def fit_guidg(method: "GuiDG", items: Sequence[Datum], classnames: Sequence[str]
     result = TrainResult()
     if method.guided:
         experts = [train_expert(method, p, classnames, progress) for p in pools]
-        method.ctx = nn.Parameter(torch.stack([c for c, _ in experts]), requires_grad=False)
-        method.expert_text = expert_features(method, method.ctx, classnames)
         result.history += [{"stage": "expert", **info} for _, info in experts]
-        T = method.expert_text
-        method.attn = CrossModalAttention(T.shape[-1], len(classnames), hp["heads"]).to(device)
-    else:
-        with torch.no_grad(), method.zero_shot(), autocast(device, cfg.precision):
-            T = method.prompt_features(classnames, templates)[None].float()
+    T = step2_classifiers(method, [c for c, _ in experts] if method.guided else None, classnames, templates)
 
     params = method.trainable()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -165,14 +198,7 @@ def fit_guidg(method: "GuiDG", items: Sequence[Datum], classnames: Sequence[str]
             images = torch.stack([x for b in batches for x, _ in b]).to(device)
             labels = torch.tensor([y for b in batches for _, y in b], device=device)
 
-            def closure() -> torch.Tensor:
-                with autocast(device, cfg.precision):
-                    f = method.encode_image(images)
-                    losses = [method.guided_loss(fd, yd, T) for fd, yd in
-                              zip(f.split(cfg.batch_size), labels.split(cfg.batch_size))]
-                return torch.stack(losses).mean()
-
-            loss = stepper.step(closure)
+            loss = guided_step(method, stepper, images, labels, T)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at epoch {epoch + 1} of {cfg.method}; lower lr (now {cfg.lr})")
             scheduler.step()
