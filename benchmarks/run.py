@@ -526,9 +526,12 @@ def gpu_rows(s: Settings, smoke: bool, config_dir: str | None) -> list[Row]:
 # ----------------------------------------------------------------------------- driver
 
 
+SECTIONS = ("training steps", "prompt learning", "text tower", "inference", "evaluation", "memory")
+
+
 def bench_model(name: str, loaded: tuple[nn.Module, Callable, Callable], s: Settings, threads: int,
-                config_dir: str | None, smoke: bool) -> list[Row]:
-    """Every CPU section for one backbone."""
+                config_dir: str | None, smoke: bool, only: Sequence[str] = SECTIONS) -> list[Row]:
+    """The CPU sections `only` (default: all of `SECTIONS`) for one backbone."""
     clip, preprocess, tokenizer = loaded
     untouched = copy.deepcopy(clip).requires_grad_(False)
     dim = clip.encode_text(tokenizer(["a"])).shape[-1]
@@ -544,6 +547,8 @@ def bench_model(name: str, loaded: tuple[nn.Module, Callable, Callable], s: Sett
     ]
     rows = []
     for label, run in sections:
+        if label not in only:
+            continue
         t = time.perf_counter()
         rows += run()
         print(f"  {label}: {time.perf_counter() - t:.0f} s", flush=True)
@@ -589,7 +594,8 @@ README = """\
     python benchmarks/run.py --models ViT-B-32 --out my-results.md
 
 Options: `--models` (comma-separated open_clip names, or `glad-mini` once `python -m glad_core
-prepare` has built it), `--threads` (torch threads, default all cores), `--out`. The GPU section runs
+prepare` has built it), `--threads` (torch threads, default all cores), `--out`, `--sections` (a
+subset, e.g. `--sections "prompt learning"` for row 9a alone). The GPU section runs
 when CUDA is available. `--smoke` runs every section on a tiny model in seconds (used by the tests;
 its numbers mean nothing).
 
@@ -658,12 +664,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", default="ViT-B-32,glad-mini", help="comma-separated backbones")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"), help="results file")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated CPU sections to run (default all: {', '.join(SECTIONS)}); the GPU "
+                             "section runs with 'gpu' in the list or by default")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(child_step(json.loads(args.child))))
         return 0
+    only = [x.strip() for x in args.sections.split(",") if x.strip()]
+    unknown = sorted(set(only) - {*SECTIONS, "gpu"})
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}, gpu")
+    gpu = "gpu" in only or args.sections == parser.get_default("sections")
 
     t0, load_start = time.perf_counter(), load_average()
     s = SMOKE if args.smoke else QUICK if args.quick else FULL
@@ -682,8 +696,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"skipping {name}: {e}", flush=True)
                 continue
             print(f"== {name}", flush=True)
-            rows += bench_model(name, loaded, s, args.threads, config_dir if args.smoke else None, args.smoke)
-        rows += gpu_rows(s, args.smoke, config_dir if args.smoke else None)
+            rows += bench_model(name, loaded, s, args.threads, config_dir if args.smoke else None, args.smoke, only)
+        if gpu:
+            rows += gpu_rows(s, args.smoke, config_dir if args.smoke else None)
     env = environment(args.threads)
     print(table(rows))
     write_results(Path(args.out), rows, env, s, argv if argv is not None else sys.argv[1:],

@@ -16,6 +16,7 @@ the `std` of an HM cell is the spread of the per-seed HMs).
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -305,7 +306,7 @@ def bar_chart(t: pd.DataFrame, path: str | Path, title: str) -> Path:
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     axes[0].legend(fontsize="small", ncols=min(len(splits) + 1, 4), loc="upper left")
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, width=int(8 * fig.get_figwidth())))  # ~8 title characters per inch
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
