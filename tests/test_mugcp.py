@@ -332,3 +332,25 @@ def test_provider_hyperparameters_are_validated():
         TrainConfig(method="mugcp", hparams={"test_descriptions": "labels"})
     with pytest.raises(ValueError, match="'wordnet'"):
         TrainConfig(method="mugcp", hparams={"descriptions": 3})
+
+
+def test_provider_variants_are_cells_with_records_of_their_own(tmp_path):
+    """Each provider variant is a mugcp cell whose parameters (hence record) differ; other mugcp settings are kept."""
+    from glad_core import params as P
+    from glad_core.provider_study import EXPECTED_KIND, provider_cells
+
+    p = {"datasets": ["tuxpaint"], "seeds": [1, 2], "results_dir": str(tmp_path),
+         "method_settings": {"mugcp": {"fusion": "add", "oracle": True}, "coop": {"lr": 0.01}}}
+    cells = provider_cells(p, list(EXPECTED_KIND))
+    assert list(cells) == ["none", "class", "retrieval", "oracle"] and all(len(c) == 2 for c in cells.values())
+    paths = {c.record_path for cs in cells.values() for c in cs}
+    assert len(paths) == 8 and all(c.train.method == "mugcp" for cs in cells.values() for c in cs)
+    hp = {name: cs[0].train.hparams for name, cs in cells.items()}
+    assert {k: hp["none"][k] for k in ("scp", "vcp", "descriptions", "oracle")} == \
+        {"scp": False, "vcp": False, "descriptions": "", "oracle": False}
+    assert (hp["class"]["descriptions"], hp["class"]["oracle"]) == ("wordnet", False)
+    assert (hp["retrieval"]["descriptions"], hp["retrieval"]["oracle"]) == ("tuxpaint", False)
+    assert (hp["oracle"]["descriptions"], hp["oracle"]["oracle"]) == ("tuxpaint", True)
+    assert all(h["fusion"] == "add" for h in hp.values())
+    with pytest.raises(P.ParamError, match="unknown provider variant 'mllm'"):
+        provider_cells(p, ["mllm"])
