@@ -235,7 +235,8 @@ def test_report_hm_is_the_hm_of_seed_averaged_base_and_novel():
     for seed, (b, n) in enumerate([(0.9, 0.5), (0.6, 0.8)], 1):
         for split, acc in (("base", b), ("novel", n), ("hm", 2 * b * n / (b + n))):
             rows.append({"protocol": "base_to_novel", "dataset": "tuxpaint", "method": "glad", "descriptions": "",
-                         "backbone": "x", "shots": 4, "setting": "", "seed": seed, "split": split, "acc": acc, "record": f"r{seed}"})
+                         "backbone": "x", "shots": 4, "setting": "", "seed": seed, "split": split, "acc": acc,
+                         "record": f"r{seed}"})
     t = base_to_novel_comparison(pd.DataFrame(rows)).set_index("split")
     b, n = 100 * (0.9 + 0.6) / 2, 100 * (0.5 + 0.8) / 2
     assert t.loc["hm", "mean"] == pytest.approx(2 * b * n / (b + n))

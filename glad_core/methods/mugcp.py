@@ -68,9 +68,9 @@ MUGCP_HPARAMS = {
     "amg_heads": Hparam(4, "attention heads of each AMG direction (d_token must be divisible by it)", in_range(1)),
     "descriptions": Hparam("", "description source: 'tuxpaint' (human, per image), 'wordnet' (class glosses), or a "
                            "descriptions JSON path ('' = none)", _source),
-    "test_descriptions": Hparam("auto", "what test images get: 'retrieval', 'images', or 'class' (the class text of the "
-                                "zero-shot prediction); 'auto': retrieval for human texts, the file's own for MLLM "
-                                "ones, class for class texts", one_of(("auto", "retrieval", "images", "class"))),
+    "test_descriptions": Hparam("auto", "what test images get: 'retrieval', 'images', or 'class' (the class text of "
+                                "the zero-shot prediction); 'auto': retrieval for human texts, the file's own for "
+                                "MLLM ones, class for class texts", one_of(("auto", "retrieval", "images", "class"))),
     "oracle": Hparam(False, "give test images their own human descriptions (an upper bound, recorded)", _is_bool),
     "step_rule": Hparam("none", "update rule: 'none', 'sam' or 'gradreg' (glad_core.gradreg)", one_of(STEPS)),
 }
@@ -297,10 +297,12 @@ class MuGCP(CoOp):
         set and returned."""
         source, mode = self.hp["descriptions"], self.hp["test_descriptions"]
         if not source:
-            raise DescriptionError("mugcp with SCP or VCP on needs descriptions: set the hyper-parameter 'descriptions' "
-                                   "to 'tuxpaint', 'wordnet' or a descriptions JSON path (or scp=vcp=false).")
+            raise DescriptionError("mugcp with SCP or VCP on needs descriptions: set the hyper-parameter "
+                                   "'descriptions' to 'tuxpaint', 'wordnet' or a descriptions JSON path "
+                                   "(or scp=vcp=false).")
+        glosses = source == "wordnet"
         try:
-            provider = make_provider(None if source == "wordnet" else source, "wordnet" if source == "wordnet" else None,
+            provider = make_provider(None if glosses else source, "wordnet" if glosses else None,
                                      test=None if mode == "auto" else mode, oracle=self.hp["oracle"])
         except DescriptionError as e:
             raise DescriptionError(f"mugcp descriptions={source!r}, test_descriptions={mode!r}, "
