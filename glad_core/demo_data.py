@@ -1,9 +1,9 @@
 """Embedded demo datasets, built from Debian packages of labelled images (and two fonts).
 
-The packages are fetched with `apt-get download` (no root needed) and only their image files are
-unpacked into `cache_dir()/debian/`; packages already installed system-wide, or unpacked by hand
-under `$GLAD_DEBIAN_ROOT`, are used in place. Each dataset is written in CoOp's layout to
-`cache_dir()/data/<folder>/`: PNG images under `images/<class>/` and a split file
+The packages are fetched with `apt-get download` (no root needed) and only their image files (and
+Tux Paint's descriptions) are unpacked into `cache_dir()/debian/`; packages already installed
+system-wide, or unpacked by hand under `$GLAD_DEBIAN_ROOT`, are used in place. Each dataset is
+written in CoOp's layout to `cache_dir()/data/<folder>/`: PNG images under `images/<class>/` and a split file
 `split_glad_<Name>.json` = {"train"|"val"|"test": [[impath relative to images/, label, classname]]}.
 
 Datasets (`DEMO_DATASETS`):
@@ -85,17 +85,19 @@ class Package:
     """A Debian package and the directory (inside it) whose files the demo sets use.
 
     `file`, when set, must be in that directory for a system-wide copy to count (a font folder
-    such as usr/share/fonts/truetype/noto is shared by several packages).
+    such as usr/share/fonts/truetype/noto is shared by several packages). `also`: a second suffix
+    unpacked too (Tux Paint's `.txt` descriptions beside its stamps).
     """
 
     name: str
     content: str
     suffix: str
     file: str = ""
+    also: str = ""
 
 
 FASHION = Package("dataset-fashion-mnist", "usr/share/datasets/fashion-mnist", ".gz")
-TUXPAINT = Package("tuxpaint-stamps-default", "usr/share/tuxpaint/stamps", ".png")
+TUXPAINT = Package("tuxpaint-stamps-default", "usr/share/tuxpaint/stamps", ".png", also=".txt")
 OPENCLIPART = Package("openclipart-png", "usr/share/openclipart/png", ".png")
 EMOJI_FONT = Package("fonts-noto-color-emoji", "usr/share/fonts/truetype/noto", ".ttf", "NotoColorEmoji.ttf")
 SYMBOLA_FONT = Package("fonts-symbola", "usr/share/fonts/truetype/ancient-scripts", ".ttf", "Symbola_hint.ttf")
@@ -269,7 +271,7 @@ def _apt_download(packages: Sequence[str], cwd: Path) -> None:
 
 
 def _unpack(deb: Path, dest: Path, package: Package) -> None:
-    """Extract the files (and symlinks) under `package.content` ending in `package.suffix` from `deb`."""
+    """Extract the files (and symlinks) under `package.content` ending in `package.suffix` (or `.also`) from `deb`."""
     content = PurePosixPath(package.content)
     shutil.rmtree(dest / package.content, ignore_errors=True)
     proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
@@ -277,7 +279,7 @@ def _unpack(deb: Path, dest: Path, package: Package) -> None:
     with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
         for member in tqdm(tar, desc=f"unpacking {package.name}", unit=" files"):
             name = PurePosixPath(os.path.normpath(member.name))
-            if not (name.is_relative_to(content) and name.suffix == package.suffix):
+            if not (name.is_relative_to(content) and name.suffix in (package.suffix, package.also or package.suffix)):
                 continue
             out = dest / name
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -440,8 +442,12 @@ def prepare_demo_data(force: bool = False, names: Iterable[str] | None = None) -
     """Fetch the packages and build the demo sets (`names`, default all of `DEMO_SETS`); return the data root.
 
     A set whose split file exists is skipped unless `force`; the split file is written last
-    (atomically), so an interrupted build is redone from scratch on the next call.
+    (atomically), so an interrupted build is redone from scratch on the next call. `tuxpaint` also
+    gets its stamps' own descriptions beside the split (`descriptions/tuxpaint.json`, for MuGCP),
+    written with the set, or when missing.
     """
+    from .descriptions import tuxpaint_descriptions_path, write_tuxpaint_descriptions
+
     root = cache_dir() / "data"
     for name in names or DEMO_SETS:
         if name == MINI_PACS:
@@ -451,6 +457,8 @@ def prepare_demo_data(force: bool = False, names: Iterable[str] | None = None) -
         spec = DEMO_DATASETS[name]
         folder = root / spec.folder
         if (folder / spec.split_file).exists() and not force:
+            if name == "tuxpaint" and not tuxpaint_descriptions_path().exists():
+                write_tuxpaint_descriptions()
             continue
         items = _plan(name)
         image_dir = folder / spec.image_dir
@@ -460,6 +468,8 @@ def prepare_demo_data(force: bool = False, names: Iterable[str] | None = None) -
             out.parent.mkdir(parents=True, exist_ok=True)
             _render(item).save(out)
         _write_json_atomic(folder / spec.split_file, _split_json(items))
+        if name == "tuxpaint":
+            write_tuxpaint_descriptions({it.impath: it.source for it in items}, force=True)
     return root
 
 

@@ -275,13 +275,13 @@ def write_tuxpaint_descriptions(sources: Mapping[str, Path] | None = None, force
 
 
 def tuxpaint_descriptions() -> Descriptions:
-    """The Tux Paint stamps' human descriptions of the `tuxpaint` demo images (written first if needed)."""
+    """The Tux Paint stamps' human descriptions of the `tuxpaint` demo images (the set and they are built first
+    if needed: `prepare_demo_data` writes them)."""
     path = tuxpaint_descriptions_path()
     if not path.exists():
         from .demo_data import prepare_demo_data
 
         prepare_demo_data(names=["tuxpaint"])
-        write_tuxpaint_descriptions()
     return load_descriptions(path)
 
 
@@ -427,8 +427,10 @@ class DescriptionProvider:
     or a JSON with a "classes" table; default: the `images` source's own "classes"). `test` says what
     test (and validation) images get: "images" (the source's own texts: the default for MLLM
     sources, an oracle for human ones), "retrieval" (the default for human sources: the text of the
-    nearest training image, after `index(train_items, features)`), or "class" (no per-image text:
-    `image_texts` returns None and the method conditions on class texts).
+    nearest training image, after `index(train_items, features)`), or "class" (the default for class
+    texts alone: the class text of the class the frozen zero-shot model predicts for the image,
+    `predicted`, so no test label is read). Training images get their own per-image text, or, with
+    class texts alone, the class text of their own (known) label.
     """
 
     def __init__(self, images: Descriptions | None = None, classes: ClassTexts | None = None,
@@ -474,16 +476,24 @@ class DescriptionProvider:
         self._bank = (self.image_texts(train_items, "train"), features)
         return self
 
-    def image_texts(self, items: Sequence[Datum], split: str, features: torch.Tensor | None = None) -> list[str] | None:
-        """One text per item, or None where this split gets class texts only.
+    def image_texts(self, items: Sequence[Datum], split: str, features: torch.Tensor | None = None,
+                    predicted: Sequence[str] | None = None) -> list[str]:
+        """One text per item.
 
         `split` is "train" (training images) or "test" (any image evaluated: test or validation);
-        retrieval needs the items' frozen `features` [M, D].
+        retrieval needs the items' frozen `features` [M, D]; test mode "class" the class name the
+        frozen zero-shot model predicts for each item (`predicted`), never its label.
         """
         if split not in ("train", "test"):
             raise DescriptionError(f"split must be 'train' or 'test', not {split!r}.")
-        if self.images is None or (split == "test" and self.test == "class"):
-            return None
+        if split == "test" and self.test == "class":
+            if predicted is None or len(predicted) != len(items):
+                raise DescriptionError(f"test='class' describes each test image by the class text of the frozen "
+                                       f"zero-shot model's prediction: pass predicted=[one class name per item] "
+                                       f"({len(items)} items).")
+            return self.class_texts(predicted)
+        if self.images is None:
+            return self.class_texts([d.classname for d in items])  # training labels are known
         if split == "train" or self.test == "images":
             return self.images.image_texts(items)
         if self._bank is None:
@@ -505,11 +515,13 @@ class DescriptionProvider:
 
     def describe(self) -> dict:
         """What a results record stores: kind, name, the oracle switch, and each source."""
-        test = {"kind": self.kind, "mode": self.test}
-        if self.test == "retrieval":
-            test["from"] = "the description of the nearest training image (cosine, frozen image features)"
-        return {"kind": self.kind, "name": self.name, "oracle": self.oracle,
-                "train": self.images.info() if self.images is not None else None, "test": test,
+        test = {"kind": self.kind, "mode": self.test, "from": {
+            "images": "the image's own description", "class": "the class text of the frozen zero-shot model's "
+            "prediction (no test label is read)", "retrieval": "the description of the nearest training image "
+            "(cosine, frozen image features)"}[self.test]}
+        train = self.images.info() if self.images is not None else {
+            "kind": "class", "from": "the class text of the image's own label"}
+        return {"kind": self.kind, "name": self.name, "oracle": self.oracle, "train": train, "test": test,
                 "classes": self.classes.info() if self.classes is not None else None}
 
 

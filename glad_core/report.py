@@ -123,7 +123,7 @@ def _average_over_datasets(df: pd.DataFrame) -> pd.DataFrame:
     """Base-to-novel rows of a pseudo-dataset 'average' per method and seed: base and novel averaged
     over the datasets, hm their harmonic mean (the papers' convention). Seeds missing a dataset
     of their method are left out, so every average covers the same datasets."""
-    keys = ["protocol", "method", "backbone", "shots", "setting"]
+    keys = ["protocol", "method", "descriptions", "backbone", "shots", "setting"]
     rows = []
     for k, g in df[df["split"].isin(["base", "novel"])].groupby(keys, sort=False):
         w = g.pivot_table(index="seed", columns=["split", "dataset"], values="acc").dropna()
@@ -237,15 +237,21 @@ def _fmt(v: float, sign: bool = False) -> str:
     return MISSING if v is None or math.isnan(v) else (f"{v:+.2f}" if sign else f"{v:.2f}")
 
 
+def method_labels(t: pd.DataFrame) -> pd.Series:
+    """Each row's method with the kind of its description provider beside it ("mugcp (retrieval)")."""
+    return t["method"] + t["descriptions"].map(lambda kind: f" ({kind})" if kind else "")
+
+
 def display_table(t: pd.DataFrame) -> pd.DataFrame:
-    """A tidy comparison table for reading: one row per setting and method, and per split the
-    columns `ours` ('mean ± std' over seeds), `published` and `gap` ('—' where there is none)."""
+    """A tidy comparison table for reading: one row per setting and method (with its description
+    provider's kind, `method_labels`), and per split the columns `ours` ('mean ± std' over seeds),
+    `published` and `gap` ('—' where there is none)."""
     if t.empty:
         return pd.DataFrame()
     varying = [k for k in ("backbone", "shots", "setting") if t[k].nunique() > 1]
     index = (["row"] if "row" in t.columns else ["dataset"]) + varying + ["method", "seeds"] \
         + (["datasets"] if "datasets" in t.columns else [])
-    cells = t.assign(
+    cells = t.assign(method=method_labels(t),
         ours=[_fmt(m) + (f" ± {s:.2f}" if n > 1 else "") for m, s, n in zip(t["mean"], t["std"], t["seeds"])],
         published=t["published"].map(_fmt), gap=t["gap"].map(lambda v: _fmt(v, sign=True)))
     w = cells.pivot_table(index=index, columns="split", values=["ours", "published", "gap"], aggfunc="first",
@@ -284,6 +290,7 @@ def bar_chart(t: pd.DataFrame, path: str | Path, title: str) -> Path:
     panels = list(dict.fromkeys(panel_of))
     cols = min(len(panels), 3)
     rows = math.ceil(len(panels) / cols)
+    t = t.assign(method=method_labels(t))
     methods = list(dict.fromkeys(t["method"]))
     splits = list(dict.fromkeys(t["split"]))
     width = 0.8 / len(splits)

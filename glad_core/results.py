@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-CELL_KEYS = ["protocol", "dataset", "method", "backbone", "shots", "setting", "seed"]
+CELL_KEYS = ["protocol", "dataset", "method", "descriptions", "backbone", "shots", "setting", "seed"]
 #: Record parameters that neither name the cell nor change its numbers (see protocols.NOT_IDENTITY).
 _NOT_SETTING = {"protocol", "dataset", "method", "backbone", "shots", "seed", "data_root", "device",
                 "num_workers", "eval_batch_size"}
@@ -19,6 +19,10 @@ def harmonic_mean(base: float, novel: float) -> float:
 
 def collect(results_dir: str | Path = "results") -> pd.DataFrame:
     """Every record under `results_dir` as rows: cell keys, `split` (base / novel / hm / a target), `acc`.
+
+    `descriptions` is the kind of description provider the record's test images were described by
+    (MuGCP's "retrieval", "class", "mllm", "oracle"; `descriptions.kind` of the record), '' for runs
+    without one.
 
     `setting` names the parameters in which records of the same protocol, dataset, method, backbone
     and shots differ ("alpha=0.3, lr=0.002"; "" where they agree), so runs with other values are
@@ -41,7 +45,8 @@ def collect(results_dir: str | Path = "results") -> pd.DataFrame:
         mine = _variant(rec)
         setting = ", ".join(f"{k}={json.loads(mine[k]) if k in mine else None}" for k in differing)
         for split, acc in rec["metrics"].items():
-            rows.append({**{k: rec["cell"][k] for k in CELL_KEYS if k != "setting"}, "setting": setting,
+            rows.append({**{k: rec["cell"][k] for k in CELL_KEYS if k not in ("setting", "descriptions")},
+                         "descriptions": (rec.get("descriptions") or {}).get("kind", ""), "setting": setting,
                          "split": split, "acc": acc, "record": str(path)})
     return pd.DataFrame(rows, columns=CELL_KEYS + ["split", "acc", "record"])
 

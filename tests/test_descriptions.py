@@ -123,12 +123,23 @@ def test_mllm_describes_test_images_and_class_modes():
     human = Descriptions("human", "notes", _texts(TRAIN))
     glosses = Descriptions("class", "glosses", {}, classes={"cat": "feline", "dog": "canine"})
     by_class = DescriptionProvider(human, glosses, test="class")
-    assert by_class.kind == "class" and by_class.image_texts(TEST, "test") is None
-    assert by_class.image_texts(TRAIN, "train") == human.image_texts(TRAIN)
+    assert by_class.kind == "class" and by_class.image_texts(TRAIN, "train") == human.image_texts(TRAIN)
+    with pytest.raises(DescriptionError, match="zero-shot model's prediction: pass predicted"):
+        by_class.image_texts(TEST, "test")  # a test image's label is never the fallback
+    predicted = ["dog", "dog", "cat", "dog"]  # the labels are cat, cat, dog, dog
+    assert by_class.image_texts(TEST, "test", predicted=predicted) == ["canine", "canine", "feline", "canine"]
     assert by_class.class_texts(["dog"]) == ["canine"] and by_class.describe()["classes"]["name"] == "glosses"
+    assert "zero-shot" in by_class.describe()["test"]["from"]
 
-    only = DescriptionProvider(glosses)
-    assert only.kind == "class" and only.image_texts(TRAIN, "train") is None and only.name == "glosses/class"
+    only = DescriptionProvider(glosses)  # class texts alone: training images get their own class's
+    assert only.kind == "class" and only.test == "class" and only.name == "glosses/class"
+    assert only.image_texts(TRAIN, "train") == ["feline"] * 3 + ["canine"] * 3
+    assert only.image_texts(TEST, "test", predicted=predicted) == ["canine", "canine", "feline", "canine"]
+    assert only.describe()["train"] == {"kind": "class", "from": "the class text of the image's own label"}
+    with pytest.raises(DescriptionError, match="needs per-image descriptions"):
+        DescriptionProvider(glosses, test="retrieval")
+    with pytest.raises(DescriptionError, match="contradicts test='class'"):
+        DescriptionProvider(glosses, oracle=True)
     with pytest.raises(DescriptionError, match="test='class' needs class texts"):
         DescriptionProvider(human, test="class")
     with pytest.raises(DescriptionError, match="call provider.index"):
@@ -306,3 +317,27 @@ def test_tuxpaint_writer_on_a_synthetic_package(tmp_path, monkeypatch):
     monkeypatch.setattr("glad_core.descriptions._debian_content", lambda package, dest: stamps.parents[1])
     with pytest.raises(DescriptionError, match="no description for tuxpaint image 'bird/animals_birds_owl.png'"):
         write_tuxpaint_descriptions(sources, force=True)
+
+
+def test_prepare_writes_the_tuxpaint_descriptions_with_the_set(tmp_path, monkeypatch):
+    """`prepare_demo_data` (make prepare) writes the stamps' texts beside the split it builds, and again when missing."""
+    from glad_core import demo_data
+
+    monkeypatch.setenv("GLAD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GLAD_DEBIAN_ROOT", str(tmp_path / "deb"))
+    stamps = tmp_path / "deb" / demo_data.TUXPAINT.content / "animals"
+    stamps.mkdir(parents=True)
+    items = []
+    for i, (stem, text) in enumerate([("crow", "A crow."), ("oak", "A holm oak."), ("owl", "An owl.")]):
+        Image.new("RGBA", (12, 12), (200, 0, 0, 255)).save(stamps / f"{stem}.png")
+        (stamps / f"{stem}.txt").write_text(f"{text}\nde.utf8=...\n")
+        items.append(demo_data._Item(["train", "val", "test"][i], i, stem, f"{stem}/animals_{stem}.png",
+                                     stamps / f"{stem}.png"))
+    monkeypatch.setattr(demo_data, "_plan", lambda name: items)
+    demo_data.prepare_demo_data(names=["tuxpaint"])
+    path = tuxpaint_descriptions_path()
+    want = {"crow/animals_crow.png": "A crow.", "oak/animals_oak.png": "A holm oak.", "owl/animals_owl.png": "An owl."}
+    assert load_descriptions(path).images == want
+    path.unlink()
+    demo_data.prepare_demo_data(names=["tuxpaint"])  # the set is kept, its missing texts are written
+    assert load_descriptions(path).images == want and tuxpaint_descriptions().images == want

@@ -261,8 +261,8 @@ def test_report_averages_only_complete_rows():
 
     rows = [("zeroshot", "a", 1, 0.5), ("zeroshot", "b", 1, 0.7), ("zeroshot", "a", 2, 0.7),
             ("guidg", "a", 1, 0.9)]
-    df = pd.DataFrame([{"protocol": "multi_source_dg", "dataset": "mini_pacs", "method": m, "backbone": "glad-mini",
-                        "shots": 1, "setting": "", "seed": s, "split": h, "acc": a, "record": ""}
+    df = pd.DataFrame([{"protocol": "multi_source_dg", "dataset": "mini_pacs", "method": m, "descriptions": "",
+                        "backbone": "glad-mini", "shots": 1, "setting": "", "seed": s, "split": h, "acc": a, "record": ""}
                        for m, h, s, a in rows])
     t = multi_source_comparison(df)
     assert t.loc[("mini_pacs", "glad-mini", 1, "", "zeroshot"), "a"] == pytest.approx(60.0)

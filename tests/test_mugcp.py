@@ -216,3 +216,141 @@ def test_shared_loop_tells_the_method_each_batch_items(vit, monkeypatch):
     train_batches = [b for s, b in seen if s == "train"]
     assert sorted(d.impath for b in train_batches for d in b) == sorted(d.impath for d in ITEMS)
     assert [b for s, b in seen if s == "test"] == [ITEMS[:2], ITEMS[2:]] and r["n"] == 3
+
+
+# ----------------------------------------------------------------------------- AMG, providers, records
+
+
+def test_amg_shapes_attention_and_gradients():
+    """S' [B, L, d], P' [B, P, d]; A is the head-averaged softmax of the semantic queries over the visual keys
+    (against a direct computation); P' ignores padded description tokens; gradients reach every weight."""
+    from glad_core.methods.mugcp import AMG
+
+    torch.manual_seed(0)
+    B, L, P, d, heads = 2, 5, 9, 16, 4
+    amg = AMG(d, heads)
+    s, p = torch.randn(B, L, d, requires_grad=True), torch.randn(B, P, d, requires_grad=True)
+    pad = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    s2, p2, a = amg(s, pad, p, weights=True)
+    assert s2.shape == (B, L, d) and p2.shape == (B, P, d) and a.shape == (B, L, P)
+    w, b = amg.to_semantic.in_proj_weight, amg.to_semantic.in_proj_bias
+    q, k = s @ w[:d].T + b[:d], p @ w[d:2 * d].T + b[d:2 * d]
+    h = d // heads
+    direct = torch.stack([torch.softmax(q[..., i * h:(i + 1) * h] @ k[..., i * h:(i + 1) * h].transpose(1, 2)
+                                        / h ** 0.5, -1) for i in range(heads)]).mean(0)
+    torch.testing.assert_close(a, direct, atol=1e-5, rtol=1e-5)
+    s3, p3, none = amg(s, pad, p)
+    assert none is None
+    torch.testing.assert_close((s3, p3), (s2, p2))  # reading the weights changes nothing (but rounding)
+    (s2.square().sum() + p2.square().sum()).backward()
+    assert s.grad.abs().sum() > 0 and p.grad.abs().sum() > 0
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in amg.parameters())
+    with torch.no_grad():
+        moved = s.clone()
+        moved[1, 3:] += 5.0  # the padded tokens of image 1
+        torch.testing.assert_close(amg(moved, pad, p)[1], p2.detach())
+    with pytest.raises(ValueError, match="must divide"):
+        AMG(10, 4)
+
+
+@pytest.mark.parametrize("backbone,size,grid", [("vit", 32, (4, 4)), ("mini", 224, (7, 7))])
+def test_attention_map_over_the_visual_grid(request, backbone, size, grid):
+    method = _method(request.getfixturevalue(backbone))
+    method.keep_attention = True
+    method.use_items(ITEMS, "test")
+    with torch.no_grad():
+        f = method.encode_image(torch.randn(3, 3, size, size))
+        method.class_features(CLASSES, PLAIN, f)
+    a = method.attention
+    assert a.shape == (3, *grid) and (a >= 0).all()
+    torch.testing.assert_close(a.sum((1, 2)), torch.ones(3))  # a mean of distributions over the visual tokens
+    method.keep_attention, method.attention = False, None
+    with torch.no_grad():
+        method.class_features(CLASSES, PLAIN, f)
+    assert method.attention is None
+
+
+def test_class_glosses_at_test_come_from_the_zero_shot_prediction(vit):
+    """Training images get their own class's text; test images the text of the class the frozen zero-shot
+    model predicts (a direct computation), not their label's."""
+    clip, tok = vit
+    glosses = {c: f"the meaning of {c}" for c in CLASSES}
+    method = _method(vit, scp=True, vcp=True)
+    method.set_provider(DescriptionProvider(Descriptions("class", "glosses", {}, classes=glosses)))
+    images = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        f = F.normalize(clip.encode_image(images), dim=-1)
+        t = F.normalize(clip.encode_text(tok([PLAIN[0].format(c) for c in CLASSES])), dim=-1)
+        predicted = (f @ t.T).argmax(-1).tolist()
+    items = [Datum(f"/data/images/{i}.png", (k + 1) % 3, CLASSES[(k + 1) % 3]) for i, k in enumerate(predicted)]
+    method.use_items(items, "test")
+    with torch.no_grad():
+        got = method.texts(method.encode_image(images), CLASSES, PLAIN)
+        assert method.class_features(CLASSES, PLAIN, method.encode_image(images)).shape[:2] == (6, 3)
+    assert got == [glosses[CLASSES[k]] for k in predicted]
+    assert all(g != glosses[d.classname] for g, d in zip(got, items))  # every label differs from the prediction
+    method.use_items(items, "train")
+    assert method.texts(f, CLASSES, PLAIN) == [glosses[d.classname] for d in items]
+    assert method.record_info()["descriptions"]["kind"] == "class"
+
+
+def _human_file(tmp_path):
+    return str(Descriptions("human", "notes", TEXTS).save(tmp_path / "notes.json"))
+
+
+def test_oracle_switch_and_provider_kind_are_recorded(vit, tmp_path, monkeypatch):
+    monkeypatch.setattr("glad_core.data.open_rgb", lambda path: __import__("PIL.Image").Image.new("RGB", (40, 40)))
+    path = _human_file(tmp_path)
+    infos = {}
+    for name, hp in {"retrieval": {}, "oracle": {"oracle": True}}.items():
+        clip, tok = vit
+        method = build(clip, tok, TrainConfig(method="mugcp", device="cpu", hparams={"descriptions": path, **hp}))
+        method.build_provider(ITEMS)
+        infos[name] = method.record_info()["descriptions"]
+    assert (infos["retrieval"]["kind"], infos["retrieval"]["oracle"]) == ("retrieval", False)
+    assert (infos["oracle"]["kind"], infos["oracle"]["oracle"]) == ("oracle", True)
+    assert infos["oracle"]["test"]["from"] == "the image's own description"
+    none = _method(vit, scp=False, vcp=False)
+    assert none.record_info() == {"descriptions": None}
+
+
+@pytest.mark.parametrize("hp,match", [
+    ({"test_descriptions": "images"}, "test_descriptions='images'.*oracle=True"),
+    ({"test_descriptions": "class"}, "test='class' needs class texts"),
+    ({"test_descriptions": "retrieval", "oracle": True}, "contradicts test='retrieval'"),
+])
+def test_provider_hyperparameter_errors_name_the_settings(vit, tmp_path, hp, match):
+    clip, tok = vit
+    method = build(clip, tok, TrainConfig(method="mugcp", device="cpu", hparams={"descriptions": _human_file(tmp_path),
+                                                                               **hp}))
+    with pytest.raises(DescriptionError, match=f"mugcp descriptions=.*{match}"):
+        method.build_provider(ITEMS)
+
+
+def test_provider_hyperparameters_are_validated():
+    with pytest.raises(ValueError, match="test_descriptions.*allowed"):
+        TrainConfig(method="mugcp", hparams={"test_descriptions": "labels"})
+    with pytest.raises(ValueError, match="'wordnet'"):
+        TrainConfig(method="mugcp", hparams={"descriptions": 3})
+
+
+def test_provider_variants_are_cells_with_records_of_their_own(tmp_path):
+    """Each provider variant is a mugcp cell whose parameters (hence record) differ; other mugcp settings are kept."""
+    from glad_core import params as P
+    from glad_core.provider_study import EXPECTED_KIND, provider_cells
+
+    p = {"datasets": ["tuxpaint"], "seeds": [1, 2], "results_dir": str(tmp_path),
+         "method_settings": {"mugcp": {"fusion": "add", "oracle": True}, "coop": {"lr": 0.01}}}
+    cells = provider_cells(p, list(EXPECTED_KIND))
+    assert list(cells) == ["none", "class", "retrieval", "oracle"] and all(len(c) == 2 for c in cells.values())
+    paths = {c.record_path for cs in cells.values() for c in cs}
+    assert len(paths) == 8 and all(c.train.method == "mugcp" for cs in cells.values() for c in cs)
+    hp = {name: cs[0].train.hparams for name, cs in cells.items()}
+    assert {k: hp["none"][k] for k in ("scp", "vcp", "descriptions", "oracle")} == \
+        {"scp": False, "vcp": False, "descriptions": "", "oracle": False}
+    assert (hp["class"]["descriptions"], hp["class"]["oracle"]) == ("wordnet", False)
+    assert (hp["retrieval"]["descriptions"], hp["retrieval"]["oracle"]) == ("tuxpaint", False)
+    assert (hp["oracle"]["descriptions"], hp["oracle"]["oracle"]) == ("tuxpaint", True)
+    assert all(h["fusion"] == "add" for h in hp.values())
+    with pytest.raises(P.ParamError, match="unknown provider variant 'mllm'"):
+        provider_cells(p, ["mllm"])

@@ -20,11 +20,19 @@ hyper-parameter (README, section "MuGCP"). Per image x with description d(x) (`g
 
 Descriptions reach the method through the contract's `use_items` hook: the training loop and
 `evaluate` hand it the `Datum` items of each batch before encoding it. `fit` builds the provider
-(`make_provider` from the hyper-parameters), indexes the training images for retrieval, and encodes
+(`build_provider`, from the hyper-parameters), indexes the training images for retrieval, and encodes
 each distinct description once (cached by text).
+
+Class glosses (`descriptions: wordnet`, our choice of a label-free test mode): a training image gets
+the gloss of its own class (training labels are known), a test image the gloss of the class the
+frozen zero-shot model predicts for it (`zero_shot_predictions`), never that of its label.
+
+`keep_attention = True` leaves, after each scored batch, AMG's attention of the description tokens
+over the visual tokens in `attention` ([B, H, W] for a CNN map), for figures.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -48,7 +56,7 @@ def _is_bool(v) -> str | None:
 
 
 def _source(v) -> str | None:
-    return None if isinstance(v, str) else "must be 'tuxpaint', a descriptions JSON path, or '' (none)"
+    return None if isinstance(v, str) else "must be 'tuxpaint', 'wordnet', a descriptions JSON path, or '' (none)"
 
 
 MUGCP_HPARAMS = {
@@ -58,9 +66,11 @@ MUGCP_HPARAMS = {
     "fusion": Hparam("concat", "MPF operator: 'concat' (extra prompt tokens) or 'add' (shift of the context)",
                      one_of(FUSIONS)),
     "amg_heads": Hparam(4, "attention heads of each AMG direction (d_token must be divisible by it)", in_range(1)),
-    "descriptions": Hparam("", "per-image descriptions: 'tuxpaint' or a descriptions JSON path ('' = none)", _source),
-    "test_descriptions": Hparam("auto", "what test images get: 'retrieval' or 'images'; 'auto': retrieval for human "
-                                "texts, the file's own for MLLM ones", one_of(("auto", "retrieval", "images"))),
+    "descriptions": Hparam("", "description source: 'tuxpaint' (human, per image), 'wordnet' (class glosses), or a "
+                           "descriptions JSON path ('' = none)", _source),
+    "test_descriptions": Hparam("auto", "what test images get: 'retrieval', 'images', or 'class' (the class text of "
+                                "the zero-shot prediction); 'auto': retrieval for human texts, the file's own for "
+                                "MLLM ones, class for class texts", one_of(("auto", "retrieval", "images", "class"))),
     "oracle": Hparam(False, "give test images their own human descriptions (an upper bound, recorded)", _is_bool),
     "step_rule": Hparam("none", "update rule: 'none', 'sam' or 'gradreg' (glad_core.gradreg)", one_of(STEPS)),
 }
@@ -93,11 +103,14 @@ class AMG(nn.Module):
         self.to_semantic = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.to_visual = nn.MultiheadAttention(dim, heads, batch_first=True)
 
-    def forward(self, s: torch.Tensor, pad: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """s [B, L, d] with padding mask `pad` [B, L] (True = padding), p [B, P, d] -> (S', P')."""
-        s = s + self.to_semantic(s, p, p, need_weights=False)[0]
+    def forward(self, s: torch.Tensor, pad: torch.Tensor, p: torch.Tensor,
+                weights: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """s [B, L, d] with padding mask `pad` [B, L] (True = padding), p [B, P, d] -> (S', P', A): A [B, L, P]
+        is the attention of the semantic tokens over the visual ones (mean over heads) when `weights`, else None."""
+        guided, attention = self.to_semantic(s, p, p, need_weights=weights)
+        s = s + guided
         p = p + self.to_visual(p, s, s, key_padding_mask=pad, need_weights=False)[0]
-        return s, p
+        return s, p, attention
 
 
 @register("mugcp", defaults={**DASSL_SGD, "batch_size": 1, "epochs": 10, "kl_weight": 1.0})
@@ -116,7 +129,11 @@ class MuGCP(CoOp):
         self.provider: DescriptionProvider | None = None
         self._items: tuple[list[Datum], str] | None = None
         self._tokens: torch.Tensor | None = None
+        self._grid: tuple[int, int] | None = None  # a CNN map's (H, W); None for a ViT's token sequence
         self._text_cache: dict[str, tuple[torch.Tensor, int]] = {}
+        self._zs_text: dict[tuple, torch.Tensor] = {}
+        self.keep_attention = False  # True: each scored batch leaves AMG's attention map in `attention`
+        self.attention: torch.Tensor | None = None
         if not self.conditioned:
             return
         d = self.ctx.shape[-1]
@@ -147,6 +164,7 @@ class MuGCP(CoOp):
 
     def _grab(self, x: torch.Tensor) -> None:
         self._tokens = _as_tokens(x, getattr(self, "_prefix", 0))
+        self._grid = tuple(x.shape[-2:]) if x.dim() == 4 else None
 
     def _token_features(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen token-level features [N, n, w] of `texts` and their padding mask [N, n] (True = padding)."""
@@ -168,21 +186,35 @@ class MuGCP(CoOp):
 
     def set_provider(self, provider: DescriptionProvider) -> None:
         """Use `provider`'s descriptions (already indexed for retrieval when its test mode needs it)."""
-        if provider.test == "class":
-            raise DescriptionError("mugcp conditions each image on a per-image text: test='class' is not "
-                                   "supported; use test='retrieval' or a descriptions JSON covering test images.")
         self.provider = provider
 
-    def descriptions(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token features [B, L, w] and padding mask of the current batch's descriptions (cached by text)."""
+    def zero_shot_predictions(self, features: torch.Tensor, classnames: Sequence[str],
+                              templates: Sequence[str]) -> list[str]:
+        """The class the frozen zero-shot model predicts for each image feature [B, D] (its hand-written
+        prompts; the image tower is frozen, so `features` are its own): test mode 'class' reads no label."""
+        key = (tuple(classnames), tuple(templates), features.device)
+        if key not in self._zs_text:
+            with torch.no_grad():
+                self._zs_text[key] = self.prompt_features(classnames, templates).to(features.device)
+        return [classnames[i] for i in (features.float() @ self._zs_text[key].float().T).argmax(-1).tolist()]
+
+    def texts(self, features: torch.Tensor, classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
+        """The description of each image of the current batch (told by `use_items`), features [B, D]."""
         if self.provider is None:
             raise DescriptionError("mugcp has no description provider: set the hyper-parameter 'descriptions' "
-                                   "('tuxpaint' or a JSON path) and train with fit, or call set_provider.")
+                                   "('tuxpaint', 'wordnet' or a JSON path) and train with fit, or call set_provider.")
         if self._items is None or len(self._items[0]) != len(features):
             raise DescriptionError(f"mugcp needs the batch's items before scoring it: call use_items(items, split) "
                                    f"with the {len(features)} items of the batch (the training loop and evaluate do).")
         items, split = self._items
-        texts = self.provider.image_texts(items, split, features=features.float())
+        predicted = (self.zero_shot_predictions(features, classnames, templates)
+                     if split == "test" and self.provider.test == "class" else None)
+        return self.provider.image_texts(items, split, features=features.float(), predicted=predicted)
+
+    def descriptions(self, features: torch.Tensor, classnames: Sequence[str],
+                     templates: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token features [B, L, w] and padding mask of the current batch's descriptions (cached by text)."""
+        texts = self.texts(features, classnames, templates)
         new = sorted(set(texts) - set(self._text_cache))
         if new:
             h, pad = self._token_features(new)
@@ -199,21 +231,33 @@ class MuGCP(CoOp):
         self._tokens = None
         return super().encode_image(images)
 
-    def prompt_tokens(self, image_features: torch.Tensor) -> dict[str, torch.Tensor]:
+    def prompt_tokens(self, image_features: torch.Tensor, classnames: Sequence[str],
+                      templates: Sequence[str]) -> dict[str, torch.Tensor]:
         """The per-image conditional tokens {"scp": [B, d], "vcp": [B, d]} of the current batch."""
-        h, pad = self.descriptions(image_features)
+        h, pad = self.descriptions(image_features, classnames, templates)
         s = self.scp_proj(h.to(self.scp_proj.weight.dtype))
         if self.hp["vcp"]:
             if self._tokens is None or len(self._tokens) != len(h):
                 raise RuntimeError("mugcp reads the visual tokens of the batch from its encode_image: encode the "
                                    "batch with method.encode_image before class_features.")
             p = self.vis_proj(self.vis_norm(self._tokens.to(s.dtype)))
-            s, p = self.amg(s, pad, p)
+            s, p, attention = self.amg(s, pad, p, weights=self.keep_attention)
+            if attention is not None:
+                self.attention = self._attention_map(attention, pad)
         keep = (~pad)[..., None].to(s.dtype)
         out = {"scp": (s * keep).sum(1) / keep.sum(1)}
         if self.hp["vcp"]:
             out["vcp"] = p.mean(1)
         return {k: out[k] for k in self.parts}
+
+    def _attention_map(self, attention: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """Where AMG's semantic tokens look: A [B, L, P] averaged over the description tokens (padding
+        excluded), as [B, H, W] over a CNN's map or a ViT's square patch grid, else [B, P]; detached, on the CPU."""
+        keep = (~pad).to(attention.dtype)[..., None]
+        a = ((attention * keep).sum(1) / keep.sum(1)).detach().float().cpu()
+        side = math.isqrt(a.shape[1])
+        grid = self._grid or ((side, side) if side * side == a.shape[1] else None)
+        return a.view(len(a), *grid) if grid else a
 
     def learner(self, classnames: Sequence[str]) -> PromptLearner:
         """CoOp's learner; under 'concat', one with M + parts placeholders whose context is all shift."""
@@ -235,7 +279,7 @@ class MuGCP(CoOp):
             return super().class_features(classnames, templates)
         if image_features is None:
             raise ValueError("MuGCP's class embeddings depend on the image: pass image_features")
-        tokens = self.prompt_tokens(image_features)
+        tokens = self.prompt_tokens(image_features, classnames, templates)
         B = len(image_features)
         if self.hp["fusion"] == "add":
             shift = sum(self.fuse[k](t) for k, t in tokens.items())[:, None, :]
@@ -247,24 +291,37 @@ class MuGCP(CoOp):
     def record_info(self) -> dict:
         return {"descriptions": self.provider.describe() if self.provider is not None else None}
 
+    def build_provider(self, items: Sequence[Datum]) -> DescriptionProvider:
+        """The provider the hyper-parameters name ('wordnet': class glosses, for training images their own
+        class's, for test images the zero-shot prediction's), indexed on the training `items` for retrieval;
+        set and returned."""
+        source, mode = self.hp["descriptions"], self.hp["test_descriptions"]
+        if not source:
+            raise DescriptionError("mugcp with SCP or VCP on needs descriptions: set the hyper-parameter "
+                                   "'descriptions' to 'tuxpaint', 'wordnet' or a descriptions JSON path "
+                                   "(or scp=vcp=false).")
+        glosses = source == "wordnet"
+        try:
+            provider = make_provider(None if glosses else source, "wordnet" if glosses else None,
+                                     test=None if mode == "auto" else mode, oracle=self.hp["oracle"])
+        except DescriptionError as e:
+            raise DescriptionError(f"mugcp descriptions={source!r}, test_descriptions={mode!r}, "
+                                   f"oracle={self.hp['oracle']}: {e}") from e
+        if provider.test == "retrieval":
+            from open_clip.transform import PreprocessCfg, image_transform_v2
+
+            from ..descriptions import frozen_image_features
+            from ..train import resolve_device
+
+            self.to(resolve_device(self.cfg.device))
+            transform = image_transform_v2(PreprocessCfg(**self.clip.visual.preprocess_cfg), is_train=False)
+            provider.index(items, frozen_image_features(self, items, transform, self.cfg.eval_batch_size))
+        self.set_provider(provider)
+        return provider
+
     def fit(self, items: Sequence[Datum], classnames: Sequence[str], templates: Sequence[str],
             checkpoint: str | Path | None = None, progress: bool = True):
-        """Build the description provider from the hyper-parameters (indexed on the training images), then
-        train with the shared loop."""
+        """Build the description provider (`build_provider`), then train with the shared loop."""
         if self.conditioned and self.provider is None:
-            if not self.hp["descriptions"]:
-                raise DescriptionError("mugcp with SCP or VCP on needs descriptions: set the hyper-parameter "
-                                       "'descriptions' to 'tuxpaint' or a descriptions JSON path (or scp=vcp=false).")
-            test = None if self.hp["test_descriptions"] == "auto" else self.hp["test_descriptions"]
-            provider = make_provider(self.hp["descriptions"], test=test, oracle=self.hp["oracle"])
-            if provider.test == "retrieval":
-                from open_clip.transform import PreprocessCfg, image_transform_v2
-
-                from ..descriptions import frozen_image_features
-                from ..train import resolve_device
-
-                self.to(resolve_device(self.cfg.device))
-                transform = image_transform_v2(PreprocessCfg(**self.clip.visual.preprocess_cfg), is_train=False)
-                provider.index(items, frozen_image_features(self, items, transform, self.cfg.eval_batch_size))
-            self.set_provider(provider)
+            self.build_provider(items)
         return super().fit(items, classnames, templates, checkpoint=checkpoint, progress=progress)
