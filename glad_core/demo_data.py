@@ -67,6 +67,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .data import DatasetSpec, Datum, Splits
+from .io import atomic_path
 from .paths import cache_dir
 
 SEED = 1
@@ -432,10 +433,10 @@ def _render(item: _Item) -> Image.Image:
     return _cutout(item.source)
 
 
-def _write_json_atomic(path: Path, obj: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=4, separators=(",", ": ")))
-    os.replace(tmp, path)
+def _write_split(path: Path, obj: object) -> None:
+    """A split file, atomically, in the indentation of CoOp's split files."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=4, separators=(",", ": ")))
 
 
 def prepare_demo_data(force: bool = False, names: Iterable[str] | None = None) -> Path:
@@ -467,7 +468,7 @@ def prepare_demo_data(force: bool = False, names: Iterable[str] | None = None) -
             out = image_dir / item.impath
             out.parent.mkdir(parents=True, exist_ok=True)
             _render(item).save(out)
-        _write_json_atomic(folder / spec.split_file, _split_json(items))
+        _write_split(folder / spec.split_file, _split_json(items))
         if name == "tuxpaint":
             write_tuxpaint_descriptions({it.impath: it.source for it in items}, force=True)
     return root
