@@ -1,4 +1,5 @@
-"""Published result tables: the GLAD paper's Tables 1-4, and a few baselines it does not print.
+"""Published result tables: the GLAD paper's Tables 1-4, a few baselines it does not print, and the
+GuiDG paper's appendix Table 8 (leave-one-domain-out on TerraIncognita, VLCS and PACS).
 
 The CSVs live in ``glad_core/published/``; ``glad_core/published/README.md`` says where every
 number was read, which other sources print the same number, and the paper's own inconsistencies.
@@ -30,6 +31,7 @@ COLUMNS = {
     "domain_generalization": ["method", "dataset", "acc", "source", "crosscheck"],
     "ablation": ["row", "method", "base", "novel", "hm", "source"],
     "gain": ["table", "dataset", "split", "gain", "source"],
+    "multi_source_dg": ["method", "label", "dataset", "domain", "acc", "source"],
     "sources": ["key", "kind", "location", "table", "note"],
 }
 _NUMERIC = ("base", "novel", "hm", "acc", "gain")
@@ -47,13 +49,16 @@ GLAD_SOURCES = {
 
 def published(table: str) -> pd.DataFrame:
     """Load one published table: ``base_to_novel``, ``cross_dataset``, ``domain_generalization``,
-    ``ablation``, ``gain`` or ``sources`` (a trailing ``.csv`` is accepted).
+    ``ablation``, ``gain``, ``multi_source_dg`` or ``sources`` (a trailing ``.csv`` is accepted).
 
     Accuracies are floats in percent; ``dataset == "average"`` rows are the averages the source
     prints (base-to-novel: mean over the 11 datasets for base/novel, HM of those two;
     cross-dataset: mean over the 10 targets; domain generalisation: mean over the 4 shifted sets).
     ``gain`` is GLAD minus CLIP-LoRA as the paper prints it, in points, per table, dataset and
     split (``base``/``novel``/``hm`` for base-to-novel, ``acc`` for the transfer tables).
+    ``multi_source_dg`` is GuiDG's appendix Table 8: accuracy on each held-out ``domain`` (DomainBed's
+    folder names, as ``glad_core.domains``) and ``domain == "average"`` over the set's four domains,
+    one decimal as printed; ``method`` is our method name, ``label`` the paper's row name.
     """
     name = table[:-4] if table.endswith(".csv") else table
     if name not in COLUMNS:
