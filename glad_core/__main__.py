@@ -54,7 +54,7 @@ def cmd_run(params: dict[str, Any]) -> list[dict]:
 
 
 def cmd_demo() -> int:
-    """Every cell of params/demo/ (three protocols and the ablation) as notebooks, then the report."""
+    """Every cell of params/demo/ (four protocols and the ablation) as notebooks, then the report."""
     from . import batch
 
     t = time.perf_counter()

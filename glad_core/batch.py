@@ -6,7 +6,7 @@
     python -m glad_core.batch params/*.yaml --workers 4 --set data_root=/data        # 4 worker processes
     python -m glad_core.batch params/*.yaml --slurm --jobs 8 --gpus-per-job 1 --dry-run   # the job script
 
-Each cell (one dataset, method and seed) executes `notebooks/<protocol>.ipynb` with the cell's flat
+Each cell (one dataset, method and seed; in multi_source_dg also one held-out domain) executes `notebooks/<protocol>.ipynb` with the cell's flat
 parameters injected; the executed notebook is written beside the cell's record
 (`shots16_seed1.ipynb` next to `shots16_seed1.json`), its figure too.
 
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = {"base_to_novel": "base_to_novel.ipynb", "cross_dataset": "cross_dataset.ipynb",
-             "domain_generalization": "domain_generalization.ipynb"}
+             "domain_generalization": "domain_generalization.ipynb", "multi_source_dg": "multi_source_dg.ipynb"}
 REPORT = NOTEBOOK_DIR / "report.ipynb"
 
 
@@ -78,7 +78,8 @@ class Job:
     @property
     def label(self) -> str:
         c = self.cell
-        return f"{c.protocol} {c.dataset} {c.train.method} seed {c.train.seed}"
+        held = f" held out {c.targets[0]}" if c.protocol == "multi_source_dg" else ""
+        return f"{c.protocol} {c.dataset}{held} {c.train.method} seed {c.train.seed}"
 
 
 def _absolute(p: dict[str, Any]) -> dict[str, Any]:
@@ -98,8 +99,10 @@ def plan(sources: Sequence[str | Path | dict[str, Any]], overrides: dict[str, An
         p = _absolute(P.load(source, **(overrides or {})))
         flat = {k: v for k, v in p.items() if k not in P.GRID_KEYS}
         for cell in P.cells(p):
-            job = Job(cell, {**flat, "dataset": cell.dataset, "method": cell.train.method, "seed": cell.train.seed},
-                      NOTEBOOK_DIR / NOTEBOOKS[cell.protocol])
+            one = {"dataset": cell.dataset, "method": cell.train.method, "seed": cell.train.seed}
+            if cell.protocol == "multi_source_dg":
+                one["held_out"] = cell.targets  # one held-out domain per job
+            job = Job(cell, {**flat, **one}, NOTEBOOK_DIR / NOTEBOOKS[cell.protocol])
             seen = jobs.setdefault(cell.record_path, job)
             if seen.cell.params() != cell.params():
                 diff = sorted(k for k, v in cell.params().items() if seen.cell.params()[k] != v)

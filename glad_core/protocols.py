@@ -90,8 +90,9 @@ class Cell:
 
     def adapter_path(self) -> Path:
         """Where the trained state goes; transfer protocols key it by everything training depends on, so
-        cross-dataset and domain-generalization cells of the same source and training share it."""
-        if self.protocol == "base_to_novel":
+        cross-dataset and domain-generalization cells of the same source and training share it
+        (base-to-novel and leave-one-domain-out cells each train their own: beside the record)."""
+        if self.protocol in ("base_to_novel", "multi_source_dg"):
             return self.record_path.with_suffix(".safetensors")
         training = {k: v for k, v in self.identity().items() if k not in ("protocol", "targets")}
         return (Path(self.results_dir) / "adapters" / self.dataset / _slug(self.backbone) / self.train.method
@@ -237,7 +238,7 @@ def run_multi_source_cell(cell: Cell, progress: bool = True) -> dict[str, Any]:
         raise AssertionError(f"held-out domain {held!r} leaked into the training data")
     clip, preprocess, tokenizer = load_backbone(cell.backbone, cell.pretrained, device=device)
     method = build(clip, tokenizer, cfg).to(device)
-    adapter = cell.record_path.with_suffix(".safetensors")
+    adapter = cell.adapter_path()
     history = None
     if method.trainable():
         extra = {"val_items": val_items} if getattr(method, "uses_val_pool", False) else {}

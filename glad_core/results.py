@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 
@@ -27,14 +28,7 @@ def collect(results_dir: str | Path = "results") -> pd.DataFrame:
     `setting` names the parameters in which records of the same protocol, dataset, method, backbone
     and shots differ ("alpha=0.3, lr=0.002"; "" where they agree), so runs with other values are
     summarised apart, never averaged together."""
-    records = []
-    for path in sorted(Path(results_dir).rglob("*.json")):
-        try:
-            rec = json.loads(path.read_text())
-        except (json.JSONDecodeError, OSError):
-            continue
-        if isinstance(rec, dict) and "cell" in rec and "metrics" in rec:
-            records.append((path, rec))
+    records = list(_records(results_dir))
     groups: dict[tuple, list[dict]] = {}
     for _, rec in records:
         groups.setdefault(_group(rec), []).append(_variant(rec))
@@ -51,12 +45,26 @@ def collect(results_dir: str | Path = "results") -> pd.DataFrame:
     return pd.DataFrame(rows, columns=CELL_KEYS + ["split", "acc", "record"])
 
 
+def _records(results_dir: str | Path) -> Iterator[tuple[Path, dict]]:
+    """Every results record under `results_dir` (JSON files with a cell and metrics), with its path."""
+    for path in sorted(Path(results_dir).rglob("*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except (json.JSONDecodeError, OSError):
+            continue
+        if isinstance(rec, dict) and "cell" in rec and "metrics" in rec:
+            yield path, rec
+
+
 def _group(rec: dict) -> tuple:
     return tuple(rec["cell"][k] for k in ("protocol", "dataset", "method", "backbone", "shots"))
 
 
 def _variant(rec: dict) -> dict:
-    return {k: json.dumps(v, default=str) for k, v in rec.get("params", {}).items() if k not in _NOT_SETTING}
+    """The record's parameters that may set it apart (a leave-one-domain-out record's held-out domain is its
+    split, not a setting)."""
+    skip = _NOT_SETTING | ({"targets"} if rec["cell"]["protocol"] == "multi_source_dg" else set())
+    return {k: json.dumps(v, default=str) for k, v in rec.get("params", {}).items() if k not in skip}
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
@@ -67,3 +75,21 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     out["std"] = out["std"].fillna(0.0)
     return out
 
+
+
+def guidance(results_dir: str | Path = "results") -> pd.DataFrame:
+    """The guided methods' leave-one-domain-out records (GuiDG) as rows, one per record and source expert:
+    cell keys, `held_out`, `expert`, the expert's own accuracy on the held-out domain (`expert_acc`), its mean
+    attention weight (`weight`), and the record's accuracy with batch-averaged and per-image weights."""
+    rows = []
+    for path, rec in _records(results_dir):
+        g = rec.get("guidance")
+        if not g:
+            continue
+        cell = {k: rec["cell"][k] for k in ("dataset", "method", "backbone", "shots", "seed")}
+        for expert, acc in g["experts"].items():
+            rows.append({**cell, "held_out": next(iter(rec["metrics"])), "expert": expert, "expert_acc": acc,
+                         "weight": g["mean_weights"][expert], "acc_batch": g["acc_batch"],
+                         "acc_image": g["acc_image"], "record": str(path)})
+    return pd.DataFrame(rows, columns=["dataset", "method", "backbone", "shots", "seed", "held_out", "expert",
+                                       "expert_acc", "weight", "acc_batch", "acc_image", "record"])

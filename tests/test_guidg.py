@@ -242,7 +242,7 @@ def test_leave_one_domain_out_on_mini_pacs(tmp_path):
     from glad_core.report import multi_source_comparison
     from glad_core.results import collect
 
-    p = P.load(Path(__file__).resolve().parents[1] / "params" / "multi_source_dg" / "smoke.yaml", results_dir=str(tmp_path))
+    p = P.load(Path(__file__).resolve().parents[1] / "params" / "smoke" / "multi_source_dg.yaml", results_dir=str(tmp_path))
     records = [run_cell(c, progress=False) for c in P.cells(p)]
     for rec in records:
         held = rec["params"]["targets"][0]
@@ -251,20 +251,104 @@ def test_leave_one_domain_out_on_mini_pacs(tmp_path):
     guided = [r for r in records if r["cell"]["method"] == "guidg"]
     assert guided and set(guided[0]["guidance"]["experts"]) == set(guided[0]["train"]["sources"])
     table = multi_source_comparison(collect(tmp_path))
-    assert isinstance(table, pd.DataFrame) and "average" in table.columns
+    assert isinstance(table, pd.DataFrame) and set(table["split"]) == {"sketch"}  # one domain held out: no average
+    assert table["mean"].tolist() == pytest.approx([100 * r["metrics"]["sketch"] for r in records])
 
 
-def test_report_averages_only_complete_rows():
+def _multi_source_rows(rows, dataset="mini_pacs", backbone="glad-mini", shots=1):
     import pandas as pd
 
+    return pd.DataFrame([{"protocol": "multi_source_dg", "dataset": dataset, "method": m, "descriptions": "",
+                          "backbone": backbone, "shots": shots, "setting": "", "seed": s, "split": h, "acc": a,
+                          "record": f"{m}-{h}-{s}"} for m, h, s, a in rows])
+
+
+def test_report_averages_only_seeds_that_held_out_every_domain():
     from glad_core.report import multi_source_comparison
 
-    rows = [("zeroshot", "a", 1, 0.5), ("zeroshot", "b", 1, 0.7), ("zeroshot", "a", 2, 0.7),
-            ("guidg", "a", 1, 0.9)]
-    df = pd.DataFrame([{"protocol": "multi_source_dg", "dataset": "mini_pacs", "method": m, "descriptions": "",
-                        "backbone": "glad-mini", "shots": 1, "setting": "", "seed": s, "split": h, "acc": a, "record": ""}
-                       for m, h, s, a in rows])
-    t = multi_source_comparison(df)
-    assert t.loc[("mini_pacs", "glad-mini", 1, "", "zeroshot"), "a"] == pytest.approx(60.0)
-    assert t.loc[("mini_pacs", "glad-mini", 1, "", "zeroshot"), "average"] == pytest.approx(65.0)
-    assert math.isnan(t.loc[("mini_pacs", "glad-mini", 1, "", "guidg"), "average"])
+    domains = P.domains_of("mini_pacs")
+    acc = {(s, h): (i + 1) / 10 + s / 100 for s in (1, 2) for i, h in enumerate(domains)}
+    rows = [("zeroshot", h, s, a) for (s, h), a in acc.items()]
+    rows += [("zeroshot", "photo", 3, 0.2)]  # a seed with one domain only: in that domain's mean, not the average
+    rows += [("guidg", "photo", 1, 0.9)]     # a method with one domain: no average row
+    t = multi_source_comparison(_multi_source_rows(rows)).set_index(["method", "split"])
+    per_seed = [sum(acc[(s, h)] for h in domains) / len(domains) for s in (1, 2)]
+    assert t.loc[("zeroshot", "average"), "mean"] == pytest.approx(100 * sum(per_seed) / 2)
+    assert t.loc[("zeroshot", "average"), "seeds"] == 2
+    assert t.loc[("zeroshot", "photo"), "mean"] == pytest.approx(100 * (acc[(1, "photo")] + acc[(2, "photo")] + 0.2) / 3)
+    assert ("guidg", "average") not in t.index and t.loc[("guidg", "photo"), "mean"] == pytest.approx(90.0)
+    assert list(t.loc["zeroshot"].index) == [*domains, "average"]  # domains as run, the average last
+    assert t["published"].isna().all()  # glad-mini on mini-PACS: no published counterpart
+
+
+def test_report_matches_guidg_table_8_in_its_setting():
+    from glad_core.published import published
+    from glad_core.report import multi_source_comparison
+
+    pub = published("multi_source_dg").set_index(["method", "dataset", "domain"])["acc"]
+    domains = P.domains_of("pacs")
+    ours = {h: 0.9 + i / 100 for i, h in enumerate(domains)}
+    for shots, expect_match in ((16, True), (4, False)):
+        t = multi_source_comparison(_multi_source_rows([("clipood", h, 1, a) for h, a in ours.items()], "pacs",
+                                                       "ViT-B-16", shots)).set_index("split")
+        if not expect_match:
+            assert t["published"].isna().all()
+            continue
+        for h in domains:
+            assert t.loc[h, "published"] == pub[("clipood", "pacs", h)]
+            assert t.loc[h, "gap"] == pytest.approx(100 * ours[h] - pub[("clipood", "pacs", h)])
+        assert t.loc["average", "published"] == pub[("clipood", "pacs", "average")]
+
+
+def test_guidance_table_and_heatmap(tmp_path):
+    import json
+
+    from glad_core import results
+    from glad_core.report import attention_heatmap, guidance_table
+
+    for seed, w in ((1, (0.5, 0.3, 0.2)), (2, (0.3, 0.3, 0.4))):  # two records of clip art held out
+        rec = {"cell": {"protocol": "multi_source_dg", "dataset": "mini_pacs", "method": "clipood+guidg", "seed": seed,
+                        "shots": 1, "backbone": "glad-mini"}, "params": {}, "metrics": {"clip_art": 0.5},
+               "guidance": {"acc_batch": 0.5, "acc_image": 0.4 + seed / 10,
+                            "experts": {"photo": 0.6, "cartoon": 0.2 * seed, "sketch": 0.1},
+                            "mean_weights": dict(zip(("photo", "cartoon", "sketch"), w))}}
+        (tmp_path / f"r{seed}.json").write_text(json.dumps(rec))
+    (tmp_path / "zeroshot.json").write_text(json.dumps({**rec, "guidance": {}}))  # no guidance: no rows
+    g = results.guidance(tmp_path)
+    assert len(g) == 6 and set(g["held_out"]) == {"clip_art"}
+    t = guidance_table(g).loc[("mini_pacs", "clipood+guidg", "clip_art")]
+    assert t[("accuracy %", "batch weights")] == pytest.approx(50.0)
+    assert t[("accuracy %", "per-image weights")] == pytest.approx(55.0)  # seed mean of 50 and 60
+    assert t[("expert accuracy %", "cartoon")] == pytest.approx(30.0)
+    assert t[("mean weight", "photo")] == pytest.approx(0.4) and t[("mean weight", "sketch")] == pytest.approx(0.3)
+    png = attention_heatmap(g, tmp_path / "attention.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_held_out_domain_is_a_split_not_a_setting(tmp_path):
+    """Records of one method that differ only in the held-out domain are one row of the table."""
+    import json
+
+    from glad_core.results import collect
+
+    for held in ("photo", "sketch"):
+        rec = {"cell": {"protocol": "multi_source_dg", "dataset": "mini_pacs", "method": "zeroshot", "seed": 1,
+                        "shots": 1, "backbone": "glad-mini"},
+               "params": {"targets": [held], "lr": 0.001}, "metrics": {held: 0.5}}
+        (tmp_path / f"{held}.json").write_text(json.dumps(rec))
+    assert set(collect(tmp_path)["setting"]) == {""}
+    rec["params"]["lr"] = 0.002  # another value of a parameter is another setting
+    (tmp_path / "sketch.json").write_text(json.dumps(rec))
+    assert set(collect(tmp_path)["setting"]) == {"lr=0.001", "lr=0.002"}
+
+
+def test_batch_runs_a_notebook_per_held_out_domain(tmp_path):
+    from glad_core import batch
+
+    jobs = batch.plan([{"protocol": "multi_source_dg", "datasets": ["mini_pacs"], "methods": ["zeroshot", "guidg"],
+                        "results_dir": str(tmp_path)}])
+    assert len(jobs) == 8 and {j.notebook.name for j in jobs} == {"multi_source_dg.ipynb"}
+    assert [j.params["held_out"] for j in jobs[:3]] == [["photo"], ["photo"], ["clip_art"]]
+    assert len({j.unit for j in jobs}) == 8  # each cell trains its own adapter, beside its record
+    assert all(j.cell.adapter_path() == j.cell.record_path.with_suffix(".safetensors") for j in jobs)
+    assert "held out clip_art" in jobs[2].label

@@ -30,7 +30,7 @@ CHECK = "# NBVAL_CHECK_OUTPUT"
 # notebook -> its smoke parameter file (None: the report, which only reads records)
 SMOKE_PARAMS = {"base_to_novel": "base_to_novel.yaml", "ablation": "ablation.yaml",
                 "cross_dataset": "cross_dataset.yaml", "domain_generalization": "domain_generalization.yaml",
-                "mugcp_providers": "mugcp_providers.yaml", "report": None}
+                "multi_source_dg": "multi_source_dg.yaml", "mugcp_providers": "mugcp_providers.yaml", "report": None}
 OWN_RESULTS = {"mugcp_providers"}  # study notebooks (variants of a method): own results folder, not in the report
 
 
@@ -127,16 +127,20 @@ def test_batch_dry_run_lists_the_plan(env, tmp_path):
 
 def test_demo_plan_holds_every_demo_file_in_one_results_folder(tmp_path):
     """`make demo` plans params/demo/*.yaml together: two base-to-novel files (Fashion-MNIST, Tux Paint), the
-    ablation and the transfer files, one record each; MuGCP with Tux Paint's descriptions."""
+    ablation, the transfer files and mini-PACS with clip art held out, one record each; MuGCP with Tux Paint's
+    descriptions."""
     from glad_core import batch
 
     jobs = batch.plan(sorted((ROOT / "params" / "demo").glob("*.yaml")), {"results_dir": str(tmp_path)})
-    assert len(jobs) == len({j.cell.record_path for j in jobs}) == 40  # 36 before the Tux Paint file's 4
+    assert len(jobs) == len({j.cell.record_path for j in jobs}) == 44  # 40 before mini-PACS's 4
     assert {j.cell.dataset for j in jobs if j.cell.protocol == "base_to_novel"} == {"clipart", "fashion_mnist",
                                                                                      "tuxpaint"}
     [mugcp] = [j for j in jobs if j.cell.train.method == "mugcp"]
     assert mugcp.cell.dataset == "tuxpaint" and mugcp.cell.train.hparams["descriptions"] == "tuxpaint"
     assert mugcp.cell.train.hparams["test_descriptions"] == "auto" and not mugcp.cell.train.hparams["oracle"]
+    msdg = [j for j in jobs if j.cell.protocol == "multi_source_dg"]  # clip art held out of mini-PACS
+    assert {(j.cell.dataset, j.cell.targets[0]) for j in msdg} == {("mini_pacs", "clip_art")}
+    assert [j.cell.train.method for j in msdg] == ["zeroshot", "glad", "clipood", "clipood+guidg"]
 
 
 def test_batch_rejects_a_bad_shard(capsys):
@@ -241,4 +245,4 @@ def test_notebook(name, env, results, tmp_path):
         assert report.exists() and "80.68" in report.read_text()  # GLAD's published Table 1 average
         assert sorted(p.name for p in report.parent.glob("*.png")) == [
             "table1_base_to_novel.png", "table2_cross_dataset.png", "table3_domain_generalization.png",
-            "table4_ablation.png"]
+            "table4_ablation.png", "table5_multi_source_dg.png"]
