@@ -202,6 +202,12 @@ def _average_over_domains(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=CELL_KEYS + ["split", "acc"])
 
 
+def _domain_rank(datasets: pd.Series, domains: pd.Series) -> pd.Series:
+    """Each domain's place in its set's definition (`params.domains_of`), 'average' after them all."""
+    return pd.Series([len(P.domains_of(d)) if h == AVERAGE else P.domains_of(d).index(h)
+                      for d, h in zip(datasets, domains)], index=domains.index)
+
+
 def multi_source_comparison(df: pd.DataFrame) -> pd.DataFrame:
     """Leave-one-domain-out results as tidy rows (GuiDG's appendix Table 8): per set and method, one split
     per held-out domain and 'average' over the domains (rows that held out every domain of the set), with
@@ -209,7 +215,7 @@ def multi_source_comparison(df: pd.DataFrame) -> pd.DataFrame:
     and gap."""
     df = df[df["protocol"] == "multi_source_dg"]
     t = summarize(pd.concat([df, _average_over_domains(df)], ignore_index=True))
-    t = _ordered(t.assign(order=t["split"] == AVERAGE).sort_values("order", kind="stable").drop(columns="order"))
+    t = _ordered(t.iloc[_domain_rank(t["dataset"], t["split"]).argsort(kind="stable")])
     pub = published("multi_source_dg").rename(columns={"domain": "split", "acc": "published"})
     return _with_published(t, pub[["method", "dataset", "split", "published"]], ["method", "dataset", "split"],
                            pd.Series(True, index=t.index))[_COLUMNS]
@@ -338,10 +344,14 @@ def guidance_table(g: pd.DataFrame) -> pd.DataFrame:
     if g.empty:
         return pd.DataFrame()
     keys = ["dataset", "method", "held_out"]
+    g = g.iloc[(_domain_rank(g["dataset"], g["held_out"]) * 100 + _domain_rank(g["dataset"], g["expert"]))
+               .argsort(kind="stable")]
     m = g.groupby(keys + ["expert"], sort=False)[["expert_acc", "weight", "acc_batch", "acc_image"]].mean().reset_index()
     overall = 100 * m.groupby(keys, sort=False)[["acc_batch", "acc_image"]].first()
     overall.columns = pd.MultiIndex.from_tuples([("accuracy %", "batch weights"), ("accuracy %", "per-image weights")])
     experts = m.pivot_table(index=keys, columns="expert", values=["expert_acc", "weight"], sort=False)
+    order = [e for d in dict.fromkeys(g["dataset"]) for e in P.domains_of(d) if e in set(g["expert"])]
+    experts = experts.reindex(columns=pd.MultiIndex.from_product([["expert_acc", "weight"], list(dict.fromkeys(order))]))
     experts = experts.rename(columns={"expert_acc": "expert accuracy %", "weight": "mean weight"}, level=0)
     experts["expert accuracy %"] *= 100
     return pd.concat([overall, experts], axis=1)
@@ -353,12 +363,13 @@ def attention_heatmap(g: pd.DataFrame, path: str | Path) -> Path:
     panels = list(g.groupby(["dataset", "method"], sort=False))
     fig = Figure(figsize=(4.2 * len(panels), 3.6), layout="constrained")
     for ax, ((dataset, method), d) in zip(fig.subplots(1, len(panels), squeeze=False).ravel(), panels):
-        w = d.pivot_table(index="held_out", columns="expert", values="weight", sort=False)
-        order = list(dict.fromkeys([*w.index, *w.columns]))
+        w = d.pivot_table(index="held_out", columns="expert", values="weight")
+        order = P.domains_of(dataset)
         w = w.reindex(index=[h for h in order if h in w.index], columns=[e for e in order if e in w.columns])
         image = ax.imshow(w.to_numpy(dtype=float), vmin=0, vmax=1, cmap="viridis")
-        for (i, j), v in pd.DataFrame(w.to_numpy()).stack().items():
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black")
+        for (i, j), v in pd.DataFrame(w.to_numpy(dtype=float)).stack().items():
+            if not math.isnan(v):  # no expert of the held-out domain itself
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black")
         ax.set_xticks(range(w.shape[1]), w.columns, rotation=30, ha="right")
         ax.set_yticks(range(w.shape[0]), w.index)
         ax.set_xlabel("source expert")

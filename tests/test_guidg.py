@@ -268,7 +268,7 @@ def test_report_averages_only_seeds_that_held_out_every_domain():
 
     domains = P.domains_of("mini_pacs")
     acc = {(s, h): (i + 1) / 10 + s / 100 for s in (1, 2) for i, h in enumerate(domains)}
-    rows = [("zeroshot", h, s, a) for (s, h), a in acc.items()]
+    rows = [("zeroshot", h, s, a) for (s, h), a in reversed(acc.items())]  # records in another order
     rows += [("zeroshot", "photo", 3, 0.2)]  # a seed with one domain only: in that domain's mean, not the average
     rows += [("guidg", "photo", 1, 0.9)]     # a method with one domain: no average row
     t = multi_source_comparison(_multi_source_rows(rows)).set_index(["method", "split"])
