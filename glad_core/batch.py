@@ -6,9 +6,9 @@
     python -m glad_core.batch params/*.yaml --workers 4 --set data_root=/data        # 4 worker processes
     python -m glad_core.batch params/*.yaml --slurm --jobs 8 --gpus-per-job 1 --dry-run   # the job script
 
-Each cell (one dataset, method and seed; in multi_source_dg also one held-out domain) executes `notebooks/<protocol>.ipynb` with the cell's flat
-parameters injected; the executed notebook is written beside the cell's record
-(`shots16_seed1.ipynb` next to `shots16_seed1.json`), its figure too.
+Each cell (one dataset, method and seed; in multi_source_dg also one held-out domain) executes
+`notebooks/<protocol>.ipynb` with the cell's flat parameters injected; the executed notebook is written
+beside the cell's record (`shots16_seed1.ipynb` next to `shots16_seed1.json`), its figure too.
 
 - Resume: a cell is done when its record exists and its executed notebook finished without error;
   `--only-missing` counts a record alone as done (e.g. cells run with `python -m glad_core run`).

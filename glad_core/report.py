@@ -344,14 +344,14 @@ def guidance_table(g: pd.DataFrame) -> pd.DataFrame:
     if g.empty:
         return pd.DataFrame()
     keys = ["dataset", "method", "held_out"]
-    g = g.iloc[(_domain_rank(g["dataset"], g["held_out"]) * 100 + _domain_rank(g["dataset"], g["expert"]))
-               .argsort(kind="stable")]
-    m = g.groupby(keys + ["expert"], sort=False)[["expert_acc", "weight", "acc_batch", "acc_image"]].mean().reset_index()
+    g = g.iloc[_domain_rank(g["dataset"], g["held_out"]).argsort(kind="stable")]  # rows in the set's domain order
+    m = g.groupby(keys + ["expert"], sort=False)[["expert_acc", "weight", "acc_batch", "acc_image"]].mean()
+    m = m.reset_index()
     overall = 100 * m.groupby(keys, sort=False)[["acc_batch", "acc_image"]].first()
-    overall.columns = pd.MultiIndex.from_tuples([("accuracy %", "batch weights"), ("accuracy %", "per-image weights")])
+    overall.columns = pd.MultiIndex.from_product([["accuracy %"], ["batch weights", "per-image weights"]])
     experts = m.pivot_table(index=keys, columns="expert", values=["expert_acc", "weight"], sort=False)
-    order = [e for d in dict.fromkeys(g["dataset"]) for e in P.domains_of(d) if e in set(g["expert"])]
-    experts = experts.reindex(columns=pd.MultiIndex.from_product([["expert_acc", "weight"], list(dict.fromkeys(order))]))
+    order = dict.fromkeys(e for d in dict.fromkeys(g["dataset"]) for e in P.domains_of(d) if e in set(g["expert"]))
+    experts = experts.reindex(columns=pd.MultiIndex.from_product([["expert_acc", "weight"], list(order)]))
     experts = experts.rename(columns={"expert_acc": "expert accuracy %", "weight": "mean weight"}, level=0)
     experts["expert accuracy %"] *= 100
     return pd.concat([overall, experts], axis=1)

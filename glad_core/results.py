@@ -76,7 +76,6 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-
 def guidance(results_dir: str | Path = "results") -> pd.DataFrame:
     """The guided methods' leave-one-domain-out records (GuiDG) as rows, one per record and source expert:
     cell keys, `held_out`, `expert`, the expert's own accuracy on the held-out domain (`expert_acc`), its mean
