@@ -249,7 +249,8 @@ def test_report_tables_of_an_empty_results_folder_are_empty(tmp_path):
     from glad_core.results import collect
 
     tables = paper_tables(collect(tmp_path))
-    assert list(tables) == ["base_to_novel", "cross_dataset", "domain_generalization", "ablation"]
+    assert list(tables) == ["base_to_novel", "cross_dataset", "domain_generalization", "ablation",
+                           "multi_source_dg"]
     assert all(t.empty for t in tables.values())
 
 
