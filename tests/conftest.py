@@ -19,6 +19,15 @@ TINY_VIT = {
 }
 
 
+ORIGINALS = Path(__file__).parent / "data" / "originals"
+
+
+@pytest.fixture(scope="session")
+def original():
+    """Loader of the numbers the original code produced (tests/data/originals/<name>.json, see its README)."""
+    return lambda name: json.loads((ORIGINALS / f"{name}.json").read_text())
+
+
 def shared_dir() -> Path | None:
     """The project's shared test data folder beside the checkout, when present."""
     env = os.environ.get("GLAD_SHARED")

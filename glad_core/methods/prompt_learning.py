@@ -3,7 +3,7 @@ recipes their public code uses for base-to-novel with ViT-B/16 (docs/recipes.md 
 
     coop     t_c = g([SOS] v_1 .. v_M {class_c}.)            M = 4 from "a photo of a"; CE
     cocoop   t_c(x) = g([SOS] v_1+π(x) .. v_M+π(x) {class_c}.)   π = meta-net(f(x)); CE; [B, C, D]
-    kgcoop   coop + λ · mean_c ‖t_c − t_c^hand‖²                t^hand: the zero-shot prompts' features
+    kgcoop   coop + λ · (1 − mean_c cos(t_c, t_c^hand))          t^hand: KgCoOp's hand-written prompts' features
 
 Shared recipe (Dassl, CoOp's toolbox): SGD (lr 0.002, momentum 0.9, weight decay 5e-4), one warm-up
 epoch at a constant lr 1e-5, then cosine to 0 (per step here, per epoch there); random resized crop
@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..checks import in_range, one_of
@@ -115,15 +116,29 @@ class CoCoOp(CoOp):
         return self.learner(classnames)(shift=shift, chunk=self._chunk())
 
 
+# KgCoOp's hand-written prompts (trainers/kgcoop.py CUSTOM_TEMPLATES) are CoOp's zero-shot ones (the
+# datasets' templates) except DTD's: CoOp's template -> KgCoOp's.
+KGCOOP_TEMPLATES = {"{} texture.": "a photo of a {}, a type of texture."}
+
+
 @register("kgcoop", published="kgcoop", defaults={**DASSL_SGD, "batch_size": 128, "epochs": 100})
 class KgCoOp(CoOp):
     """KgCoOp: CoOp whose class embeddings are kept near the hand-written ones."""
 
     hparams = {**PROMPT_HPARAMS,
-               "kg_weight": Hparam(8.0, "λ of λ · mean_c ‖t_c − t_c^hand‖² (KgCoOp's run.sh: 8.0)", in_range(0))}
+               "kg_weight": Hparam(8.0, "W of W · (1 − mean_c cos(t_c, t_c^hand)) (KgCoOp's run.sh: 8.0)", in_range(0))}
+
+    def class_features(self, classnames: Sequence[str], templates: Sequence[str],
+                       image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """CoOp's; in zero-shot mode KgCoOp's hand-written prompts (`KGCOOP_TEMPLATES`)."""
+        if not self._learned:
+            templates = [KGCOOP_TEMPLATES.get(t, t) for t in templates]
+        return super().class_features(classnames, templates, image_features)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, log_p_zs: torch.Tensor | None,
              text: torch.Tensor | None = None, zs_text: torch.Tensor | None = None) -> torch.Tensor:
-        """CE + λ · mean over classes of the squared distance of learned and hand-written class features."""
-        knowledge = (text - zs_text).pow(2).sum(-1).mean()
-        return super().loss(logits, labels, log_p_zs) + self.hp["kg_weight"] * knowledge
+        """CE + W · (1 − mean over classes of cos(learned, hand-written class features)), as KgCoOp's code
+        (`CustomCLIP.forward`: `1 - mean(CosineSimilarity(dim=1, eps=1e-7))`); its paper writes the squared
+        distance of the unit vectors, 2 (1 − cos): W = 8 is the weight of the code's form."""
+        score = 1.0 - F.cosine_similarity(text, zs_text, dim=-1, eps=1e-7).mean()
+        return super().loss(logits, labels, log_p_zs) + self.hp["kg_weight"] * score
