@@ -26,6 +26,10 @@ def in_range(lo: float | None = None, hi: float | None = None, lo_open: bool = F
     return check
 
 
+def boolean(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "must be true or false"
+
+
 def str_list(v: Any) -> str | None:
     return None if isinstance(v, list) and all(isinstance(x, str) for x in v) else "must be a list of strings"
 

@@ -216,10 +216,12 @@ def train(method: Method, items: Sequence[Datum], classnames: Sequence[str], tem
         return TrainResult()
     items = list(items)
     loader_set = _Indexed(ImageDataset(items, train_transform(method.clip, cfg.aug_scale_min, cfg.aug_flip)))
-    steps_per_epoch = math.ceil(len(loader_set) / cfg.batch_size)
+    drop_last = method.drop_last and len(loader_set) >= cfg.batch_size
+    steps_per_epoch = (len(loader_set) // cfg.batch_size if drop_last else math.ceil(len(loader_set) / cfg.batch_size))
     total = steps or cfg.epochs * steps_per_epoch
+    epochs = math.ceil(total / steps_per_epoch)
     optimizer = method.optimizer(params)
-    scheduler = method.scheduler(optimizer, total)
+    scheduler = method.scheduler(optimizer, epochs if method.lr_per_epoch else total)
     result, start_epoch = TrainResult(), 0
     if checkpoint is not None and Path(checkpoint).exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
@@ -233,10 +235,10 @@ def train(method: Method, items: Sequence[Datum], classnames: Sequence[str], tem
     method.train()
     t0 = time.perf_counter() - result.seconds
     bar = tqdm(total=total, initial=result.steps, desc=f"train {cfg.method}", disable=not progress, leave=False)
-    for epoch in range(start_epoch, math.ceil(total / steps_per_epoch)):
+    for epoch in range(start_epoch, epochs):
         torch.manual_seed(cfg.seed * 1000 + epoch)  # per-epoch seeding: a resumed run is identical
         loader = torch.utils.data.DataLoader(loader_set, batch_size=cfg.batch_size, shuffle=True,
-                                             num_workers=cfg.num_workers,
+                                             num_workers=cfg.num_workers, drop_last=drop_last,
                                              generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         loss_sum, correct, seen = 0.0, 0, 0
         for images, labels, index in loader:
@@ -251,13 +253,16 @@ def train(method: Method, items: Sequence[Datum], classnames: Sequence[str], tem
                     f"non-finite loss ({loss.item()}) at epoch {epoch + 1} of {cfg.method}; lower lr "
                     f"(now {cfg.lr}) or use precision='fp32'. The last good checkpoint is kept"
                     + (f" at {checkpoint}." if checkpoint else "."))
-            scheduler.step()
+            if not method.lr_per_epoch:
+                scheduler.step()
             loss_sum += loss.item() * len(labels)
             correct += (first_logits[0].argmax(-1) == labels).sum().item()
             seen += len(labels)
             result.steps += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch + 1)
+        if method.lr_per_epoch:
+            scheduler.step()
         result.history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": correct / seen,
                                "lr": scheduler.get_last_lr()[0]})
         result.seconds = time.perf_counter() - t0

@@ -36,19 +36,73 @@ def test_recipes_from_the_public_configs():
     assert kgcoop.hparams["kg_weight"] == 8.0 and (coop.aug_scale_min, coop.aug_flip) == (0.08, True)
 
 
-def test_sgd_with_a_constant_warm_up_epoch_then_cosine(tiny_clip):
-    method = _method(tiny_clip, "coop", epochs=4)
-    opt = method.optimizer(method.trainable())
-    sched = method.scheduler(opt, total_steps=8)  # 2 steps per epoch, warm-up = 1 epoch
-    lrs = []
-    for _ in range(8):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
-    assert lrs[:2] == pytest.approx([1e-5, 1e-5])
-    cosine = [0.002 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * k / 6)).item()) for k in range(6)]
-    assert lrs[2:] == pytest.approx(cosine)
+class _LrProbe:
+    """Stands in for `train.Step`: records the lr each step sees, no forward pass (`train`'s loop as is)."""
+
+    def __init__(self, method, classnames, templates, optimizer=None):
+        self.optimizer, self.lrs = optimizer, []
+        _LrProbe.last = self
+
+    def __call__(self, images, labels, first_logits):
+        self.lrs.append(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()  # no gradients: nothing moves
+        first_logits.append(torch.zeros(len(labels), 2))
+        return torch.tensor(0.0)
+
+
+class _Blank(torch.utils.data.Dataset):
+    def __init__(self, items, transform=None):
+        self.n = len(items)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.zeros(1), 0
+
+
+def _loop(monkeypatch, method, n: int):
+    """`train` on n items with the probe step: (the lr of every step, the TrainResult)."""
+    from glad_core import train as T
+    from glad_core.data import Datum
+
+    monkeypatch.setattr(T, "Step", _LrProbe)
+    monkeypatch.setattr(T, "ImageDataset", _Blank)
+    monkeypatch.setattr(T, "train_transform", lambda *a, **k: None)
+    result = T.train(method, [Datum(f"{i}.png", 0, "x") for i in range(n)], CLASSES, PLAIN, progress=False)
+    return _LrProbe.last.lrs, result
+
+
+@pytest.mark.parametrize("case", ["coop", "cocoop", "kgcoop", "coop_short"])
+def test_lr_of_every_step_equals_dassls(tiny_clip, monkeypatch, original, case):
+    """Dassl's build_lr_scheduler stepped after each epoch's last batch, on the same set (tests/data/originals)."""
+    ref = original("dassl")["schedules"][case]
+    method = _method(tiny_clip, ref["method"], epochs=ref["epochs"])
+    assert (method.cfg.batch_size, method.cfg.lr) == (ref["batch_size"], ref["lr"])
+    lrs, result = _loop(monkeypatch, method, ref["items"])
+    assert result.steps == ref["steps_per_epoch"] * ref["epochs"]
+    assert lrs == pytest.approx(ref["lr_per_step"], rel=1e-9, abs=1e-15)
+    assert lrs[::ref["steps_per_epoch"]] == pytest.approx(ref["lr_per_epoch"], rel=1e-9, abs=1e-15)
+    assert sum(lrs) == pytest.approx(ref["lr_sum"], rel=1e-9) and min(lrs[ref["steps_per_epoch"]:]) > 0
+
+
+def test_per_step_schedules_as_an_option_and_for_glad(tiny_clip, monkeypatch):
+    lrs, _ = _loop(monkeypatch, _method(tiny_clip, "coop", epochs=3, hparams={"lr_per_epoch": False}), 64)
+    cosine = [0.002 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert lrs == pytest.approx([1e-5, 1e-5, *cosine])  # 2 steps per epoch, warm-up = 1 epoch, cosine to 0
+    lrs, _ = _loop(monkeypatch, _method(tiny_clip, "glad", epochs=2, batch_size=4), 10)  # GLAD: per step, kept
+    assert lrs == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)])
+
+
+def test_steps_per_epoch_follow_dassls_drop_last_rule(tiny_clip, monkeypatch, original):
+    """Dassl's train loader drops the last incomplete batch when the set holds at least one batch."""
+    ref = original("dassl")["batches_per_epoch"]
+    for name, sizes in ref.items():
+        method = _method(tiny_clip, name, epochs=1)
+        for n, batches in sizes.items():
+            assert _loop(monkeypatch, method, int(n))[1].steps == batches, (name, n)
+    keep = _method(tiny_clip, "coop", epochs=1, hparams={"drop_last": False})
+    assert _loop(monkeypatch, keep, 80)[1].steps == 3  # the option: every item every epoch (Dassl: 2)
 
 
 @pytest.mark.parametrize("name,trained", [("coop", {"ctx"}), ("kgcoop", {"ctx"}),
@@ -128,7 +182,7 @@ def test_prompt_methods_run_in_every_protocol_on_an_open_clip_model(tiny_config,
          "results_dir": str(tmp_path), "targets": [] if protocol == "base_to_novel" else ["clipart10"]}
     for cell in P.cells(p):
         rec = run_cell(cell, progress=False)
-        steps = 2 if protocol == "base_to_novel" else 3  # 1 shot of 5 base (10) classes, 4 per batch
+        steps = 1 if protocol == "base_to_novel" else 2  # 1 shot of 5 base (10) classes, 4 per batch, last dropped
         assert rec["train"]["steps"] == steps and 0 <= min(rec["metrics"].values()) <= 1
         assert set(rec["metrics"]) == ({"base", "novel", "hm"} if protocol == "base_to_novel"
                                        else {"tuxpaint", "clipart10", "average"})

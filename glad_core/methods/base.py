@@ -9,7 +9,8 @@ A method wraps a backbone (an open_clip model) and says:
 - how to turn every trained part off (`zero_shot()`, a context manager): the KL target of the loss
   and the zero-shot reference are computed inside it, so no learned part leaks into them;
 - its loss (`loss`, by default CE + λ·KL to the zero-shot model) and its step ("none", "sam" or
-  "gradreg", `glad_core.gradreg`); its optimizer and schedule (`optimizer`, `scheduler`);
+  "gradreg", `glad_core.gradreg`); its optimizer and schedule (`optimizer`, `scheduler`, stepped per step
+  or, when `lr_per_epoch`, per epoch) and whether the last incomplete batch is dropped (`drop_last`);
 - `fit`, only when it trains in stages of its own (the default is `glad_core.train.train`'s loop);
 - optionally, `use_items` (told each batch's `Datum` items before scoring it, for methods conditioned on
   per-image data such as descriptions) and `record_info` (extra facts for the results record).
@@ -203,8 +204,18 @@ class Method(nn.Module):
         return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     def scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-        """Cosine from `cfg.lr` over all steps."""
+        """Cosine from `cfg.lr` over all steps (`total_steps` counts epochs when `lr_per_epoch`)."""
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+
+    @property
+    def lr_per_epoch(self) -> bool:
+        """Whether the training loop steps `scheduler` once per epoch (Dassl's trainers) instead of per step."""
+        return False
+
+    @property
+    def drop_last(self) -> bool:
+        """Whether the loop drops the last incomplete batch of an epoch when the set holds a full one (Dassl)."""
+        return False
 
     def fit(self, items: Sequence, classnames: Sequence[str], templates: Sequence[str],
             checkpoint: str | Path | None = None, progress: bool = True) -> "TrainResult":
@@ -225,15 +236,18 @@ def tuning_loss(logits: torch.Tensor, labels: torch.Tensor, log_p_zs: torch.Tens
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, warmup_lr: float,
-                  min_lr: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """Constant `warmup_lr` for `warmup_steps`, then cosine from the optimizer's lr to `min_lr` (Dassl's
-    ConstantWarmupScheduler around CosineAnnealingLR, per step)."""
+                  min_lr: float = 0.0, period: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """Constant `warmup_lr` for `warmup_steps`, then cosine from the optimizer's lr towards `min_lr` over
+    `period` steps (default: the rest, so it ends at `min_lr`). Dassl's ConstantWarmupScheduler around
+    CosineAnnealingLR(T_max = epochs) with WARMUP_RECOUNT restarts the cosine after the warm-up:
+    `period = total_steps`, so the last step's lr stays above `min_lr`."""
     base = optimizer.param_groups[0]["lr"]
+    period = total_steps - warmup_steps if period is None else period
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return warmup_lr / base
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        t = (step - warmup_steps) / max(1, period)
         return (min_lr + (base - min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))) / base
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

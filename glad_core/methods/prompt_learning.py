@@ -5,9 +5,11 @@ recipes their public code uses for base-to-novel with ViT-B/16 (docs/recipes.md 
     cocoop   t_c(x) = g([SOS] v_1+π(x) .. v_M+π(x) {class_c}.)   π = meta-net(f(x)); CE; [B, C, D]
     kgcoop   coop + λ · (1 − mean_c cos(t_c, t_c^hand))          t^hand: KgCoOp's hand-written prompts' features
 
-Shared recipe (Dassl, CoOp's toolbox): SGD (lr 0.002, momentum 0.9, weight decay 5e-4), one warm-up
-epoch at a constant lr 1e-5, then cosine to 0 (per step here, per epoch there); random resized crop
-0.08-1 with flip; CE only. CoOp: batch 32, 200 epochs (50 on ImageNet); CoCoOp: batch 1, 10 epochs;
+Shared recipe (Dassl, CoOp's toolbox): SGD (lr 0.002, momentum 0.9, weight decay 5e-4), the lr stepped
+once per epoch: one warm-up epoch at a constant 1e-5, then CosineAnnealingLR(T_max = epochs) restarted
+after the warm-up (WARMUP_RECOUNT), so the last epoch's lr is 0.002 · ½(1 + cos(π (E − 2) / E)) > 0;
+the last incomplete batch dropped when the set holds a full one; random resized crop 0.08-1 with flip;
+CE only. CoOp: batch 32, 200 epochs (50 on ImageNet); CoCoOp: batch 1, 10 epochs;
 KgCoOp: batch 128, 100 epochs. The originals run in fp16; ours follows `precision`. The context is
 shared by all classes, so a model trained on base classes scores novel ones.
 """
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import in_range, one_of
+from ..checks import boolean, in_range, one_of
 from ..prompts import POSITIONS, PromptLearner, meta_net
 from .base import Hparam, Method, register, warmup_cosine
 
@@ -33,6 +35,9 @@ PROMPT_HPARAMS = {
     "momentum": Hparam(0.9, "SGD momentum (Dassl)", in_range(0, 1)),
     "warmup_epochs": Hparam(1, "epochs at the constant warm-up lr before the cosine (Dassl: 1)", in_range(0)),
     "warmup_lr": Hparam(1e-5, "the constant warm-up learning rate (Dassl: 1e-5)", in_range(0)),
+    "lr_per_epoch": Hparam(True, "step the lr once per epoch, cosine restarted after the warm-up (Dassl); false: "
+                           "per step, cosine to 0 over the steps after the warm-up", boolean),
+    "drop_last": Hparam(True, "drop the last incomplete batch when the set holds a full one (Dassl)", boolean),
     "prompt_chunk": Hparam(4096, "prompts per text-tower call in evaluation (bounds memory)", in_range(1)),
 }
 
@@ -87,7 +92,19 @@ class CoOp(Method):
     def optimizer(self, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.hp["momentum"], weight_decay=self.cfg.weight_decay)
 
+    @property
+    def lr_per_epoch(self) -> bool:
+        return self.hp["lr_per_epoch"]
+
+    @property
+    def drop_last(self) -> bool:
+        return self.hp["drop_last"]
+
     def scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+        """Per epoch (`total_steps` = epochs): Dassl's warm-up and restarted cosine; per step: cosine to 0."""
+        if self.lr_per_epoch:
+            return warmup_cosine(optimizer, total_steps, self.hp["warmup_epochs"], self.hp["warmup_lr"],
+                                 period=total_steps)
         warmup = total_steps // self.cfg.epochs * self.hp["warmup_epochs"]
         return warmup_cosine(optimizer, total_steps, warmup, self.hp["warmup_lr"])
 
