@@ -36,18 +36,21 @@ for `DATASET.NUM_SHOTS=K` and `SEED=S` from the same split file:
   ImageNet samples train only (its val is the test list).
 * `generate_fewshot_dataset` groups items with `split_dataset_by_label` (a `defaultdict(list)`, so
   classes are visited in order of first appearance in the list, not sorted) and, per class, takes
-  `random.sample(items, K)` when the class holds at least K items, else `random.choices(items, k=K)`
-  (`repeat=True` is the default, so small classes are sampled with replacement).
+  `random.sample(items, K)` when the class holds at least K items; a smaller class is kept whole, in
+  list order and without a draw (`repeat=False`, its default and what CoOp's and GuiDG's dataset
+  classes use), or, with `repeat=True`, sampled with replacement (`random.choices(items, k=K)`).
 
 Here the stream is a private `random.Random(S)`, which yields what the module-level generator
 yields after `random.seed(S)`, without touching global state. Base/novel subsampling
 (`subsample_classes`) comes after few-shot sampling, as in CoOp/CoCoOp. Two CoOp quirks: its
 `--seed 0` is ignored (`if args.seed:`), so CoOp's runs use seeds >= 1; and classes smaller than K
-are silently repeated, which `fewshot` keeps (with a warning) unless `strict=True`.
+silently get fewer shots, which `fewshot` keeps (with a warning) unless `strict=True`; `repeat=True`
+is Dassl's option of repeating their items instead.
 
 The equivalence rests on Python's `random.Random(S)`, `sample` and `choices` drawing the same
 numbers as in the Python CoOp ran on; tests/test_datasets.py checks it against a literal
-transcription of Dassl's code on CoOp's published split files.
+transcription of Dassl's code on CoOp's published split files, and against the picks of Dassl's own
+`generate_fewshot_dataset` (tests/data/originals).
 
 Selections are cached like CoOp's `split_fewshot/shot_{K}-seed_{S}.pkl`, as
 `split_fewshot/shot_{K}-seed_{S}.json` in the dataset's folder when it is writable, else under the
@@ -520,13 +523,13 @@ def split_per_class(groups: Sequence[Sequence[Datum]], val_frac: float, test_fra
 
 
 def fewshot(splits: Splits, shots: int, seed: int, cache: str | Path | None = "auto",
-            strict: bool = False, val_shots: int | None = None) -> Splits:
+            strict: bool = False, val_shots: int | None = None, repeat: bool = False) -> Splits:
     """K-shot train and min(K, 4)-shot val lists, selected exactly as Dassl's generate_fewshot_dataset.
 
     `shots < 1` returns `splits` unchanged (CoOp's "all data"). `cache`: "auto" (the dataset's
     `split_fewshot/` folder when writable, else the glad cache), a folder, or None (no cache).
-    Classes smaller than the shot count are sampled with replacement like Dassl, with a warning;
-    `strict=True` raises instead. Apply before `subsample_classes`, as CoOp does. `val_shots`
+    A class smaller than the shot count keeps all its items (Dassl's default), or with `repeat=True`
+    is sampled with replacement (Dassl's option), with a warning; `strict=True` raises instead. Apply before `subsample_classes`, as CoOp does. `val_shots`
     replaces CoOp's min(K, 4) (GuiDG draws K from val too: its guidance pool), on the same stream.
     """
     if shots < 1:
@@ -541,10 +544,12 @@ def fewshot(splits: Splits, shots: int, seed: int, cache: str | Path | None = "a
     sample_val = splits.name not in VAL_IS_TEST
     n_val = min(shots, VAL_SHOTS) if val_shots is None else val_shots
     parts = {"train": shots, "val": n_val} if sample_val else {"train": shots}
-    _check_class_sizes(splits, parts, strict)
+    small = _check_class_sizes(splits, parts, strict, repeat)
     suffix = "" if val_shots is None else f"-val_{val_shots}"
     paths = [d / f"shot_{shots}-seed_{seed}{suffix}.json" for d in _cache_dirs(splits, cache)]
-    key = _fingerprint(splits, parts) if paths else ""
+    # with a class smaller than K the selection depends on `repeat`: part of the key (a cache of the other mode,
+    # or of a version that always repeated, is resampled)
+    key = (_fingerprint(splits, parts) + (f"-repeat_{repeat}" if small else "")) if paths else ""
     picked = None
     for path in paths:
         picked = _read_cache(path, key, splits, parts)
@@ -552,26 +557,29 @@ def fewshot(splits: Splits, shots: int, seed: int, cache: str | Path | None = "a
             break
     if picked is None:
         rng = random.Random(seed)  # the same stream as random.seed(seed), consumed train first, then val
-        picked = {part: _sample_per_class(getattr(splits, part), k, rng) for part, k in parts.items()}
+        picked = {part: _sample_per_class(getattr(splits, part), k, rng, repeat) for part, k in parts.items()}
         _write_cache(paths, {"dataset": splits.name, "shots": shots, "seed": seed, "fingerprint": key, **picked})
     train = [splits.train[i] for i in picked["train"]]
     val = [splits.val[i] for i in picked["val"]] if sample_val else splits.val
     return splits.with_lists(train=train, val=val)
 
 
-def _sample_per_class(items: Sequence[Datum], shots: int, rng: random.Random) -> list[int]:
-    """Indices chosen by Dassl's generate_fewshot_dataset (repeat=True) with generator `rng`."""
+def _sample_per_class(items: Sequence[Datum], shots: int, rng: random.Random, repeat: bool = False) -> list[int]:
+    """Indices chosen by Dassl's generate_fewshot_dataset(repeat=`repeat`) with generator `rng`."""
     by_label: dict[int, list[int]] = {}  # insertion order = first appearance, like defaultdict
     for i, d in enumerate(items):
         by_label.setdefault(d.label, []).append(i)
     picked: list[int] = []
     for idxs in by_label.values():
-        picked += rng.sample(idxs, shots) if len(idxs) >= shots else rng.choices(idxs, k=shots)
+        if len(idxs) >= shots:
+            picked += rng.sample(idxs, shots)
+        else:
+            picked += rng.choices(idxs, k=shots) if repeat else idxs
     return picked
 
 
-def _check_class_sizes(splits: Splits, parts: dict[str, int], strict: bool) -> None:
-    """Warn (or raise when strict) about classes holding fewer images than the shots asked."""
+def _check_class_sizes(splits: Splits, parts: dict[str, int], strict: bool, repeat: bool) -> bool:
+    """Warn (or raise when strict) about classes holding fewer images than the shots asked; whether any does."""
     problems = []
     for part, k in parts.items():
         counts: dict[int, int] = {}
@@ -582,11 +590,15 @@ def _check_class_sizes(splits: Splits, parts: dict[str, int], strict: bool) -> N
             problems.append(f"{len(small)} {part} classes hold fewer than {k} images: {', '.join(small[:5])}"
                             + (", ..." if len(small) > 5 else ""))
     if not problems:
-        return
+        return False
     msg = f"{splits.name}: " + "; ".join(problems)
     if strict:
-        raise DatasetError(msg + ". Use fewer shots, or strict=False to sample them with replacement as Dassl does.")
-    warnings.warn(msg + "; sampling them with replacement (random.choices), as Dassl does.", stacklevel=3)
+        raise DatasetError(msg + ". Use fewer shots, or strict=False to keep all their images (Dassl's default) "
+                           "or sample them with replacement (repeat=True).")
+    what = ("sampling them with replacement (random.choices, Dassl's repeat=True)" if repeat
+            else "keeping all their images, no repeats (Dassl's default, repeat=False)")
+    warnings.warn(f"{msg}; {what}.", stacklevel=3)
+    return True
 
 
 def _fingerprint(splits: Splits, parts: Iterable[str]) -> str:

@@ -247,10 +247,12 @@ def _save_first(dirs: Sequence[Path], fname: str, splits: Splits, image_dir: Pat
     raise DatasetError(f"cannot write split file {fname}: {'; '.join(errors)}")
 
 
-def fewshot_pools(md: MultiDomain, shots: int, seed: int, domains: Iterable[str] | None = None) -> MultiDomain:
+def fewshot_pools(md: MultiDomain, shots: int, seed: int, domains: Iterable[str] | None = None,
+                  repeat: bool = False) -> MultiDomain:
     """K shots per class from each domain's train list (experts) and K from its val list (guidance).
 
-    Dassl's sampler on one stream per domain (train first), as GuiDG's dataset classes call it;
+    Dassl's sampler on one stream per domain (train first), as GuiDG's dataset classes call it (its
+    default `repeat=False`: a class smaller than K keeps all its images; `repeat=True` repeats them);
     selections are cached under `md.fewshot_dir/<domain>/`. Domains without training
     images (a fixed target) and those not in `domains` are kept as they are.
     """
@@ -262,7 +264,7 @@ def fewshot_pools(md: MultiDomain, shots: int, seed: int, domains: Iterable[str]
     for d, s in md.domains.items():
         if d in chosen and s.train:
             cache = md.fewshot_dir / d if md.fewshot_dir is not None else "auto"
-            s = fewshot(s, shots, seed, cache=cache, val_shots=shots)
+            s = fewshot(s, shots, seed, cache=cache, val_shots=shots, repeat=repeat)
         out[d] = s
     return replace(md, domains=out)
 

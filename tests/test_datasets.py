@@ -65,7 +65,7 @@ def ref_split_dataset_by_label(data_source):
     return output
 
 
-def ref_generate_fewshot_dataset(*data_sources, num_shots=-1, repeat=True):
+def ref_generate_fewshot_dataset(*data_sources, num_shots=-1, repeat=False):
     if num_shots < 1:
         if len(data_sources) == 1:
             return data_sources[0]
@@ -685,9 +685,34 @@ def test_error_more_shots_than_a_class_holds(tmp_path):
     with pytest.raises(DatasetError, match=r"2 train classes hold fewer than 4 images: Forest \(3\), River \(3\).*"
                                            "strict=False"):
         fewshot(s, 4, 1, strict=True, cache=None)
-    with pytest.warns(UserWarning, match=r"2 val classes hold fewer than 4 images.*with replacement"):
+    with pytest.warns(UserWarning, match=r"2 val classes hold fewer than 4 images.*keeping all their images"):
         got = fewshot(s, 4, 1, cache=None)
-    assert len(got.train) == 8 and len({d.impath for d in got.train}) < 8  # repeats, as Dassl
+    assert len(got.train) == 6 and len({d.impath for d in got.train}) == 6  # all 3 of each class, as Dassl
+    with pytest.warns(UserWarning, match=r"with replacement"):
+        got = fewshot(s, 4, 1, cache=None, repeat=True)
+    assert len(got.train) == 8 and len({d.impath for d in got.train}) < 8  # Dassl's repeat=True
+
+
+@pytest.mark.parametrize("repeat", [False, True])
+def test_fewshot_picks_equal_dassls_generate_fewshot_dataset(original, repeat):
+    """The indices Dassl's own sampler picked after random.seed(S), train then val (tests/data/originals): the
+    same, draw for draw (Python's random is the same generator), for classes smaller and larger than K."""
+    ref = original("dassl")["sampler"]
+    assert original("dassl")["generate_fewshot_dataset_default_repeat"] is False
+    train = [Datum(f"/d/train/{i}.jpg", y, f"c{y}") for i, y in enumerate(ref["labels"])]
+    val = [Datum(f"/d/val/{i}.jpg", y, f"c{y}") for i, y in enumerate(ref["val_labels"])]
+    s = Splits("toy", [f"c{y}" for y in range(5)], ["{}"], train=train, val=val)
+    cases = [c for c in ref["cases"] if c["repeat"] is repeat]
+    for c in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = fewshot(s, c["shots"], c["seed"], cache=None, repeat=repeat)
+        assert [train.index(d) for d in got.train] == c["train"], c
+        assert [val.index(d) for d in got.val] == c["val"], c
+    if not repeat:  # a class smaller than K keeps all its items once: sizes 1, 2, 4, 5, 20 at K = 16
+        c = next(c for c in cases if c["shots"] == 16)
+        counts = {y: [ref["labels"][i] for i in c["train"]].count(y) for y in range(5)}
+        assert counts == {3: 1, 0: 2, 1: 5, 4: 4, 2: 16} and len(set(c["train"])) == len(c["train"])
 
 
 def test_error_fewshot_and_subsample_arguments(tmp_path):
