@@ -14,8 +14,8 @@ from glad_core import params as P
 from glad_core.data import Datum
 from glad_core.lora import lora_layers
 from glad_core.methods import build
-from glad_core.methods.guidg import (CrossModalAttention, GuiDG, batch_mean_weights, beta_weight, margin_logits,
-                                     ueo_term, wise_ft_)
+from glad_core.methods.guidg import (BetaMovingAverage, CrossModalAttention, GuiDG, batch_mean_weights, beta_weight,
+                                     margin_logits, selection_epochs, ueo_term, wise_ft_)
 from glad_core.methods.guidg_train import source_pools
 from glad_core.train import TrainConfig
 
@@ -98,11 +98,86 @@ def test_guided_loss_is_the_attention_weighted_sum_of_expert_cross_entropies(tin
     torch.testing.assert_close(method.guided_loss(f, y, T), expected)
 
 
+@pytest.mark.parametrize("name,baseline", [("erm_wf+guidg", "erm"), ("ueo_wf+guidg", "ueo"),
+                                           ("clipood+guidg", "clipood")])
+def test_step2_loss_and_gradients_equal_the_original_train_resample(tiny_clip, monkeypatch, original, name, baseline):
+    """GuiDG's train_resample on these float64 tensors (tests/data/originals): one attention weight vector over
+    the batch of all sources, UEO's term per expert unweighted; equal loss and gradients of tower and attention."""
+    ref = original("guidg")
+    method = _method(tiny_clip, name)
+    monkeypatch.setattr(method.clip, "logit_scale",
+                        torch.nn.Parameter(torch.tensor(math.log(ref["temperature"]), dtype=torch.float64)))
+    assert (method.hp.get("ueo_weight", ref["ueo_weight"]), method.hp.get("margin", ref["lam"])) == (0.01, 0.3)
+    f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    tower = torch.nn.Linear(6, 8).double()
+    tower.load_state_dict({k: f64(v) for k, v in ref["tower"].items()})
+    method.attn = CrossModalAttention(8, 3, heads=4).double()
+    rename = {"linear_v": "query", "linear_t": "key"}  # the original's Head.linear_v / linear_t
+    method.attn.load_state_dict({f"{rename[k.split('.')[2]]}.{k.split('.')[1]}.{k.split('.')[3]}": f64(v)
+                                 for k, v in ref["attn"].items()})
+    doms = [str(d) for d in ref["domains"]]
+    x = torch.cat([f64(ref["x"][d]) for d in doms])
+    y = torch.cat([torch.tensor(ref["labels"][d]) for d in doms])
+    T = torch.stack([f64(ref["expert_text"][d]) for d in doms])
+    loss = method.guided_loss(F.normalize(tower(x), dim=-1), y, T)
+    loss.backward()
+    want = ref["step2"][baseline]
+    assert loss.item() == pytest.approx(want["loss"], rel=1e-12)
+    ours = {"tower." + k: p.grad for k, p in tower.named_parameters()}
+    ours.update({f"attn.layers.{k.split('.')[1]}.{'linear_v' if k.startswith('query') else 'linear_t'}.{k.split('.')[2]}":
+                 p.grad for k, p in method.attn.named_parameters()})
+    assert set(ours) == set(want["grads"])
+    for k, g in want["grads"].items():
+        torch.testing.assert_close(ours[k], f64(g), rtol=1e-10, atol=1e-13, msg=k)
+
+
+def test_beta_moving_average_equals_the_original(original):
+    """GuiDG's GeneralMovingAverage over 5 steps with its weight function (β = 0.1): the weights before training count."""
+    ref = original("guidg")["bma"]
+    assert [beta_weight(t, ref["steps"], ref["beta"]) for t in range(ref["steps"] + 1)] == pytest.approx(
+        ref["weights"], rel=1e-12)
+    net = torch.nn.Linear(3, 2).double()
+    set_to = lambda it: [p.data.copy_(torch.tensor(v, dtype=torch.float64)) for p, v in zip(net.parameters(), it)]  # noqa: E731
+    set_to(ref["iterates"][0])
+    bma = BetaMovingAverage(net.parameters(), ref["steps"], ref["beta"])
+    for it in ref["iterates"][1:]:
+        set_to(it)
+        bma.update()
+    bma.load()
+    for p, v in zip(net.parameters(), ref["average"]):
+        torch.testing.assert_close(p.detach(), torch.tensor(v, dtype=torch.float64), rtol=1e-12, atol=1e-14)
+
+
+def test_experts_are_selected_after_the_originals_epochs(tiny_clip, tmp_path, monkeypatch, original):
+    """phase1.py scores an expert after epochs 1, 6, ..., 31 and keeps the first best (tests/data/originals)."""
+    from glad_core.methods import guidg_train
+    from glad_core.methods.guidg import Pool
+
+    ref = original("guidg")["selection"]
+    assert selection_epochs(ref["epochs"], 5) == ref["evaluated_epochs"]
+    accs, contexts = iter(ref["val_acc"]), []
+
+    def scored(learner, *args):
+        contexts.append(learner.ctx.detach().clone())
+        return float(next(accs))
+
+    monkeypatch.setattr(guidg_train, "val_accuracy", scored)
+    moved = lambda method, learner, opt, images, labels: (learner.ctx.data.add_(0.01), opt.step())[0].sum()  # noqa: E731
+    monkeypatch.setattr(guidg_train, "expert_step", moved)
+    items = _items(tmp_path, domains=("photo",), per_class=1)
+    method = _method(tiny_clip, expert_epochs=ref["epochs"], expert_eval_every=5, expert_batch_size=3)
+    ctx, info = guidg_train.train_expert(method, Pool("photo", items, items), CLASSES, progress=False)
+    assert [h["epoch"] for h in info["history"]] == ref["evaluated_epochs"]
+    kept = ref["evaluated_epochs"].index(ref["kept_after_epochs"][-1])
+    torch.testing.assert_close(ctx, contexts[kept])
+    assert not torch.equal(contexts[kept], contexts[kept + 1])  # a tie later does not replace it
+
+
 def test_baseline_terms_against_their_formulas():
     torch.manual_seed(3)
     z = torch.randn(6, 4)
     p = z.softmax(-1)
-    entropy = lambda q: -(q * q.log()).sum(-1)  # noqa: E731
+    entropy = lambda q: -(q * (q + 1e-5).log()).sum(-1)  # noqa: E731  (GuiDG's ent_loss: log(p + 1e-5))
     torch.testing.assert_close(ueo_term(z), entropy(p).mean() - entropy(p.mean(0)))
     f, T = F.normalize(torch.randn(3, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
     y = torch.tensor([1, 3, 0])
@@ -205,15 +280,19 @@ def test_unguided_baseline_and_clipood_bma_run(tiny_clip, tmp_path):
         method = _method(tiny_clip, name)
         result = method.fit(items, CLASSES, TEMPLATES, progress=False)
         assert result.steps == 2 and method.attn is None and not method.has_experts
-    # clipood: after training the parameters are the Beta-weighted average of the iterates
+    # clipood: after training the image tower is the Beta-weighted average of its iterates, the pretrained included
     method = _method(tiny_clip, "clipood")
     iterates = []
-    method.after_step = (lambda orig: lambda s, t: (iterates.append([p.detach().clone() for p in method.trainable()]),
-                                                    orig(s, t)))(method.after_step)
+    snap = lambda: iterates.append([p.detach().clone() for p in method.image_tower_parameters()])  # noqa: E731
+    method.before_training = (lambda orig: lambda total: (snap(), orig(total)))(method.before_training)
+    method.after_step = (lambda orig: lambda s, t: (snap(), orig(s, t)))(method.after_step)
     method.fit(items, CLASSES, TEMPLATES, progress=False)
-    w = [beta_weight(s, 2, 0.1) for s in range(2)]
-    for i, p in enumerate(method.trainable()):
+    w = [beta_weight(t, 2, 0.1) for t in range(3)]
+    assert len(iterates) == 3
+    for i, p in enumerate(method.image_tower_parameters()):
         torch.testing.assert_close(p, sum(wi * it[i] for wi, it in zip(w, iterates)) / sum(w))
+    method.attn = CrossModalAttention(32, 3)  # the attention is not averaged
+    assert not {id(p) for p in method.attn.parameters()} & {id(p) for p in method.image_tower_parameters()}
 
 
 def test_multi_source_params_expand_held_out_domains():

@@ -5,18 +5,22 @@
     CMAttn   per head h (4, outputs averaged): q = W_h f, key_k = sum_c a_h[c] T_k[c] (Linear(C, 1)
              over the class axis of expert k's class features), w = softmax_k cos(q, key_k)
     Step 2   the image tower (a trainable copy; or LoRA on it, `tune: lora`) and CMAttn, AdamW;
-             each iteration one batch per source domain (with replacement) from its val pool:
-             L = mean over domains of sum_k w̄_k · CE(τ f T_kᵀ, y),  w̄ = CMAttn weights averaged
-             over the batch
+             each iteration one batch per source domain (with replacement) from its val pool, the
+             batches concatenated: L = sum_k w̄_k · CE(τ f T_kᵀ, y) over that mixed batch, w̄ = the
+             CMAttn weights averaged over it (one vector per step, GuiDG's `train_resample`)
     Predict  logits = sum_k w_k τ f T_kᵀ, w averaged over chunks of `attn_batch` images in dataset
              order (the official evaluation, batch 36) or per image (`attention: image`)
 
 Baselines (the paper's appendix Table 8 rows) and their guided versions, one class each:
 
-    erm_wf   CE, then WiSE-FT after every epoch: θ ← (1 − α) θ_pretrained + α θ (α = 0.5)
-    ueo_wf   CE + μ (mean entropy − entropy of the mean prediction) per classifier, WiSE-FT
+    erm_wf   CE, then WiSE-FT after every epoch: θ ← (1 − α) θ_pretrained + α θ (α = 0.5; GuiDG's
+             phase2.py loads the mix into the tower being trained, which goes on from it)
+    ueo_wf   CE + μ Σ_k (mean entropy − entropy of the mean prediction) of each classifier k, on
+             the mixed batch, not weighted by the attention (μ = 0.01), WiSE-FT
     clipood  margin-metric softmax τ (cos(f, T_c) − λ cos(T_y, T_c)), λ = 0.3, and the Beta moving
-             average of the parameters (weight of step t ∝ Beta(β, β) pdf((t + 0.5) / (T + 1)))
+             average of the image tower (not the attention): θ̄ = Σ_{t=0..T} w_t θ_t / Σ_t w_t, θ_0 the
+             weights before training, θ_t after step t, w_t = Beta(β, β) pdf((t + 0.5) / (T + 1)),
+             β = 0.1 (GuiDG's code; its appendix says 0.5); the average is evaluated
 
 Without `+guidg` the same loop runs with one classifier, the hand-written prompts (the universal
 model); `guidg` is `erm_wf+guidg`. The pretrained tower stays in the backbone untouched: it is the
@@ -62,7 +66,8 @@ GUIDE_HPARAMS = {
     "expert_lr": Hparam(1e-4, "SGD learning rate of the experts (GuiDG: 1e-4)", in_range(0, lo_open=True)),
     "expert_batch_size": Hparam(32, "expert batch size (GuiDG: 32)", in_range(1)),
     "expert_schedule_steps": Hparam(12400, "length of the experts' cosine schedule (GuiDG: 31 x 400)", in_range(1)),
-    "expert_eval_every": Hparam(5, "epochs between selections on the val pool (GuiDG: 5)", in_range(1)),
+    "expert_eval_every": Hparam(5, "selection on the val pool after epochs 1, 1 + N, 1 + 2N, ... (GuiDG: N = 5, "
+                                "epochs 1, 6, ..., 31)", in_range(1)),
     "heads": Hparam(4, "heads of the cross-modal attention (GuiDG: 4)", in_range(1)),
     "attention": Hparam("batch", "inference weights: 'batch' (averaged over attn_batch images, official) or "
                         "'image' (per image)", one_of(("batch", "image"))),
@@ -80,7 +85,8 @@ class CrossModalAttention(nn.Module):
         self.key = nn.ModuleList(nn.Linear(num_classes, 1) for _ in range(heads))
 
     def forward(self, f: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-        f, T = f.detach().float(), T.detach().float()
+        dtype = self.query[0].weight.dtype  # fp32 (float64 in numerical checks)
+        f, T = f.detach().to(dtype), T.detach().to(dtype)
         if T.shape[1] != self.key[0].in_features:
             raise ValueError(f"the attention was trained on {self.key[0].in_features} classes, got {T.shape[1]}: "
                              "GuiDG scores the label set it was trained on")
@@ -97,12 +103,13 @@ def batch_mean_weights(w: torch.Tensor, chunk: int) -> torch.Tensor:
     return torch.cat([c.mean(0, keepdim=True).expand_as(c) for c in w.split(chunk)])
 
 
-def ueo_term(logits: torch.Tensor) -> torch.Tensor:
-    """Mean entropy of the predictions minus the entropy of their mean (UEO's objective, minimised)."""
+def ueo_term(logits: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Mean entropy of the predictions minus the entropy of their mean (UEO's objective, minimised), with
+    GuiDG's log(p + 1e-5) (models.py `ent_loss`)."""
     p = logits.softmax(-1)
-    mean_entropy = -(p * logits.log_softmax(-1)).sum(-1).mean()
+    mean_entropy = -(p * (p + eps).log()).sum(-1).mean()
     p_bar = p.mean(0)
-    return mean_entropy + (p_bar * p_bar.clamp_min(1e-12).log()).sum()
+    return mean_entropy + (p_bar * (p_bar + eps).log()).sum()
 
 
 def margin_logits(f: torch.Tensor, T: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
@@ -112,10 +119,41 @@ def margin_logits(f: torch.Tensor, T: torch.Tensor, labels: torch.Tensor, scale:
 
 
 def beta_weight(step: int, total: int, beta: float) -> float:
-    """CLIPood's BMA weight of step `step` (0-based) of `total`: the Beta(β, β) density at (t + 0.5) / (T + 1)."""
+    """CLIPood's BMA weight of iterate t (0 = before training, T = after the last of `total` steps): the
+    Beta(β, β) density at (t + 0.5) / (T + 1)."""
     x = (step + 0.5) / (total + 1)
     log_b = 2 * math.lgamma(beta) - math.lgamma(2 * beta)
     return math.exp((beta - 1) * (math.log(x) + math.log1p(-x)) - log_b)
+
+
+class BetaMovingAverage:
+    """θ̄ = Σ_{t=0..T} w_t θ_t / Σ_t w_t over `params`, w_t = `beta_weight(t, T, β)`: θ_0 when built (the
+    weights before training), θ_t at the t-th `update()` (GuiDG's / CLIPood's GeneralMovingAverage)."""
+
+    def __init__(self, params: Sequence[nn.Parameter], total: int, beta: float):
+        self.params, self.total, self.beta, self.t = list(params), total, beta, 0
+        self.weight = beta_weight(0, total, beta)
+        self.sum = [p.detach().clone().mul_(self.weight) for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.t += 1
+        w = beta_weight(self.t, self.total, self.beta)
+        for a, p in zip(self.sum, self.params):
+            a.add_(p.detach(), alpha=w)
+        self.weight += w
+
+    @torch.no_grad()
+    def load(self) -> None:
+        """The average into the parameters."""
+        for a, p in zip(self.sum, self.params):
+            p.copy_(a / self.weight)
+
+
+def selection_epochs(epochs: int, every: int) -> list[int]:
+    """The epochs (1-based) after which an expert is scored on its val pool: 1, 1 + every, ... (GuiDG's
+    phase1.py: `epoch % 5 == 0`, 0-based)."""
+    return [e + 1 for e in range(epochs) if e % every == 0]
 
 
 @dataclass
@@ -225,21 +263,28 @@ class GuiDG(Method):
         """Training logits of every classifier, [K, B, C]."""
         return self.expert_logits(f, T)
 
-    def classifier_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The loss of one classifier's logits [B, C]."""
-        return F.cross_entropy(logits, labels)
+    def classifier_term(self, logits: torch.Tensor) -> torch.Tensor | float:
+        """A term of one classifier's logits [B, C] added unweighted by the attention (default none)."""
+        return 0.0
 
     def guided_loss(self, f: torch.Tensor, labels: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-        """sum_k w̄_k L(τ f T_kᵀ, y), w̄ the attention weights averaged over the batch (1 without experts)."""
+        """sum_k w̄_k CE(z_k, y) + sum_k term(z_k) on the batch of all sources, z_k = classifier k's logits,
+        w̄ the attention weights averaged over that batch (1 without experts), as GuiDG's `train_resample`."""
         logits = self.classifier_logits(f, T, labels)
-        losses = torch.stack([self.classifier_loss(z, labels) for z in logits])
-        if self.attn is None:
-            return losses[0]
-        return (self.attn(f, T).mean(0) * losses).sum()
+        ce = torch.stack([F.cross_entropy(z, labels) for z in logits])
+        w = self.attn(f, T).mean(0) if self.attn is not None else torch.ones_like(ce)
+        return (w * ce).sum() + sum(self.classifier_term(z) for z in logits)
 
     def after_epoch(self) -> None:
         """WiSE-FT: the tuned tower moved halfway (`wise_alpha`) back to the pretrained one."""
         wise_ft_(self, self.hp["wise_alpha"])
+
+    def image_tower_parameters(self) -> list[nn.Parameter]:
+        """The trained parameters of the image tower (its copy or its LoRA): all but the attention's."""
+        return [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("attn.")]
+
+    def before_training(self, total: int) -> None:
+        """Hook before step 2's first of `total` steps (CLIPood starts its moving average)."""
 
     def after_step(self, step: int, total: int) -> None:
         """Per-step hook (the Beta moving average of CLIPood)."""
@@ -277,8 +322,8 @@ class UEO(GuiDG):
 
     hparams = {**GuiDG.hparams, "ueo_weight": Hparam(0.01, "μ of the UEO term (GuiDG's code: 0.01)", in_range(0))}
 
-    def classifier_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, labels) + self.hp["ueo_weight"] * ueo_term(logits)
+    def classifier_term(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.hp["ueo_weight"] * ueo_term(logits)
 
 
 @register("clipood+guidg", guided=True)
@@ -288,7 +333,8 @@ class CLIPood(GuiDG):
 
     hparams = {**COMMON_HPARAMS, **GUIDE_HPARAMS,
                "margin": Hparam(0.3, "λ of the margin-metric softmax (CLIPood: 0.3)", in_range(0)),
-               "bma_beta": Hparam(0.1, "β of the Beta moving average (GuiDG's code: 0.1)", in_range(0, lo_open=True))}
+               "bma_beta": Hparam(0.1, "β of the Beta moving average (GuiDG's code: 0.1; its appendix: 0.5)",
+                                  in_range(0, lo_open=True))}
 
     def classifier_logits(self, f: torch.Tensor, T: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return torch.stack([margin_logits(f, t, labels, self.logit_scale, self.hp["margin"]) for t in T])
@@ -296,18 +342,12 @@ class CLIPood(GuiDG):
     def after_epoch(self) -> None:
         """No WiSE-FT: CLIPood averages over steps instead."""
 
+    def before_training(self, total: int) -> None:
+        self._bma = BetaMovingAverage(self.image_tower_parameters(), total, self.hp["bma_beta"])
+
     def after_step(self, step: int, total: int) -> None:
-        w = beta_weight(step, total, self.hp["bma_beta"])
-        with torch.no_grad():
-            if step == 0:
-                self._bma = [torch.zeros_like(p) for p in self.trainable()]
-                self._bma_weight = 0.0
-            for a, p in zip(self._bma, self.trainable()):
-                a.add_(p.detach(), alpha=w)
-        self._bma_weight += w
+        self._bma.update()
 
     def finish(self) -> None:
-        with torch.no_grad():
-            for a, p in zip(self._bma, self.trainable()):
-                p.copy_(a / self._bma_weight)
+        self._bma.load()
 

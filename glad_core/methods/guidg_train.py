@@ -16,6 +16,8 @@ from ..gradreg import GradRegStep
 from ..prompts import PromptLearner
 from ..train import TrainResult, autocast, image_features, resolve_device, set_seed, train_transform
 
+from .guidg import selection_epochs
+
 if TYPE_CHECKING:
     from .guidg import GuiDG, Pool
 
@@ -89,8 +91,18 @@ def expert_step(method: "GuiDG", learner: PromptLearner, optimizer: torch.optim.
     return loss
 
 
+@torch.no_grad()
+def val_accuracy(learner: PromptLearner, val_f: torch.Tensor, val_y: torch.Tensor, precision_context) -> float:
+    """Top-1 accuracy of an expert's prompts on the val pool's image features (its selection score)."""
+    with precision_context:
+        return ((val_f @ learner().float().t()).argmax(-1) == val_y).float().mean().item()
+
+
 def train_expert(method: "GuiDG", pool: "Pool", classnames: Sequence[str], progress: bool) -> tuple[torch.Tensor, dict]:
-    """A CoOp expert on the frozen pretrained backbone: the selected context [M, d] and its history."""
+    """A CoOp expert on the frozen pretrained backbone: the selected context [M, d] and its history.
+
+    Scored on the val pool after epochs 1, 1 + N, ... (`selection_epochs`); the first best is kept (GuiDG
+    keeps a strictly better one too, starting from 0, so it keeps nothing while the accuracy is 0)."""
     cfg, hp = method.cfg, method.hp
     device = resolve_device(cfg.device)
     learner = PromptLearner(method.clip, method.tokenizer, classnames, n_ctx=hp["n_ctx"], init=None,
@@ -103,6 +115,7 @@ def train_expert(method: "GuiDG", pool: "Pool", classnames: Sequence[str], progr
                                       cfg.num_workers, progress=False)
     best, best_ctx, history = -1.0, learner.ctx.detach().clone(), []
     epochs = hp["expert_epochs"]
+    selected = selection_epochs(epochs, hp["expert_eval_every"])
     for epoch in tqdm(range(epochs), desc=f"expert {pool.name}", disable=not progress, leave=False):
         loader = torch.utils.data.DataLoader(data, batch_size=hp["expert_batch_size"], shuffle=True,
                                              num_workers=cfg.num_workers,
@@ -110,9 +123,8 @@ def train_expert(method: "GuiDG", pool: "Pool", classnames: Sequence[str], progr
         for images, labels in loader:
             loss = expert_step(method, learner, optimizer, images.to(device), labels.to(device))
             scheduler.step()
-        if (epoch + 1) % hp["expert_eval_every"] == 0 or epoch + 1 == epochs:
-            with torch.no_grad(), autocast(device, cfg.precision):
-                acc = ((val_f @ learner().float().t()).argmax(-1) == val_y).float().mean().item()
+        if epoch + 1 in selected:
+            acc = val_accuracy(learner, val_f, val_y, autocast(device, cfg.precision))
             history.append({"epoch": epoch + 1, "loss": loss.item(), "val_acc": acc})
             if acc > best:
                 best, best_ctx = acc, learner.ctx.detach().clone()
@@ -150,17 +162,14 @@ def step2_classifiers(method: "GuiDG", contexts: Sequence[torch.Tensor] | None, 
 def guided_step(method: "GuiDG", stepper: GradRegStep, images: torch.Tensor, labels: torch.Tensor,
                 T: torch.Tensor) -> torch.Tensor:
     """One step-2 iteration on the sources' batches (`batch_size` images each, concatenated): the tuned
-    tower encodes them in one call, the loss is the mean over sources of `guided_loss` against the fixed
-    classifiers T [K, C, D]; returns the loss."""
+    tower encodes them in one call and `guided_loss` scores the whole mixed batch against the fixed
+    classifiers T [K, C, D] (one attention weight vector, as GuiDG's `train_resample`); returns the loss."""
     cfg = method.cfg
     device = resolve_device(cfg.device)
 
     def closure() -> torch.Tensor:
         with autocast(device, cfg.precision):
-            f = method.encode_image(images)
-            losses = [method.guided_loss(fd, yd, T) for fd, yd in
-                      zip(f.split(cfg.batch_size), labels.split(cfg.batch_size))]
-        return torch.stack(losses).mean()
+            return method.guided_loss(method.encode_image(images), labels, T)
 
     return stepper.step(closure)
 
@@ -189,6 +198,7 @@ def fit_guidg(method: "GuiDG", items: Sequence[Datum], classnames: Sequence[str]
     transform = guidance_transform(method.clip, hp["aug_randaugment"])
     data = [ImageDataset(p.val, transform) for p in pools]
     gen = torch.Generator().manual_seed(cfg.seed)
+    method.before_training(total)
     method.train()
     bar = tqdm(total=total, desc=f"train {cfg.method}", disable=not progress, leave=False)
     for epoch in range(cfg.epochs):
