@@ -166,6 +166,81 @@ def test_a_new_method_is_one_class_and_runs_through_the_shared_loop(tiny_clip, t
         REGISTRY.pop("class-bias")
 
 
+def _items(tmp_path, shots: int = 4) -> list:
+    """`shots` solid-colour 32 x 32 images per class of CLASSES."""
+    from PIL import Image
+
+    from glad_core.data import Datum
+
+    items = []
+    for label, rgb in enumerate([(220, 30, 30), (30, 200, 40), (30, 40, 220)]):
+        for i in range(shots):
+            path = tmp_path / f"{label}_{i}.png"
+            Image.new("RGB", (32, 32), tuple(max(0, c - 20 * i) for c in rgb)).save(path)
+            items.append(Datum(str(path), label, CLASSES[label]))
+    return items
+
+
+def test_train_config_checks_every_shared_knob():
+    """The shared knobs are `Hparam`s too: a bad value is an error naming the knob, the value and the rule."""
+    with pytest.raises(ValueError, match=r"'lr' = -3 of method 'glad' is invalid: must be in \(0, inf\]"):
+        TrainConfig(alpha=5, rho=-1, lr=-3)
+    with pytest.raises(ValueError, match=r"'alpha' = 5 of method 'glad' is invalid: must be in \[0, 1\]"):
+        TrainConfig(alpha=5)
+    with pytest.raises(ValueError, match=r"'rho' = -1 of method 'coop' is invalid"):
+        TrainConfig(method="coop", rho=-1)
+    with pytest.raises(ValueError, match=r"'epochs' = 2.5 .* expected int"):
+        TrainConfig(epochs=2.5)
+    with pytest.raises(ValueError, match=r"'aug_flip' = 1 .* expected bool"):
+        TrainConfig(aug_flip=1)
+    assert TrainConfig(lr="2e-3").lr == 0.002  # YAML 1.1's string floats are numbers
+
+
+class Plugin(ClassBias):
+    """A plug-in from outside the package, whose `heads` differs from GuiDG's (an int there)."""
+
+    hparams = {**ClassBias.hparams,
+               "heads": Hparam("auto", "'auto' or a number", lambda v: None if v == "auto" or (
+                   isinstance(v, int) and v > 0) else "'auto' or an int > 0", types=(int, str))}
+
+
+def test_a_plugin_registered_after_params_validates_and_runs(tiny_clip, tmp_path):
+    """Registered after glad_core.params is imported: its keys validate by its own Hparam, through flat keys
+    and method_settings, and a cell of it trains through `fit`."""
+    from glad_core import params as P
+
+    register("plugin", defaults={"epochs": 2, "batch_size": 4})(Plugin)
+    try:
+        base = {"datasets": ["tuxpaint"], "methods": ["plugin", "guidg"]}
+        plugin, guidg = (c.train for c in P.cells({**base, "heads": 2}))  # a flat key: both declare it
+        assert plugin.hparams["heads"] == 2 and guidg.hparams["heads"] == 2
+        plugin, guidg = (c.train for c in P.cells({**base, "method_settings": {"plugin": {"heads": "auto"}}}))
+        assert plugin.hparams["heads"] == "auto" and guidg.hparams["heads"] == 4  # its own type, not GuiDG's
+        with pytest.raises(P.ParamError, match=r"'heads' = 'auto' .*checked by method 'guidg'"):
+            P.validate({**base, "heads": "auto"})  # a flat key applies to every method declaring it
+        with pytest.raises(P.ParamError, match=r"'method_settings.plugin.shift_scale' = -1 is invalid"):
+            P.validate({**base, "method_settings": {"plugin": {"shift_scale": -1}}})
+        with pytest.raises(P.ParamError, match=r"method_settings.plugin.rank.*not a setting of method 'plugin'"):
+            P.validate({**base, "method_settings": {"plugin": {"rank": 2}}})
+        (cell,) = P.cells({"datasets": ["tuxpaint"], "methods": ["plugin"], "shift_scale": 0.5, "device": "cpu"})
+        assert (cell.train.epochs, cell.train.batch_size, cell.train.lr, cell.train.hparams) == (
+            2, 4, 0.05, {"shift_scale": 0.5, "heads": "auto"})
+        clip, _, tok = tiny_clip
+        method = build(clip, tok, cell.train)
+        res = method.fit(_items(tmp_path), CLASSES, TEMPLATES, progress=False)
+        assert res.steps == 2 * 3 and method.shift.abs().sum() > 0
+    finally:
+        REGISTRY.pop("plugin")
+
+
+def test_register_checks_the_defaults_it_is_given():
+    with pytest.raises(ValueError, match=r"register\('x'\): default 'rank' is neither a shared knob"):
+        register("x", defaults={"rank": 2})(ClassBias)
+    with pytest.raises(ValueError, match=r"register\('x'\): default 'lr' = 0 is invalid"):
+        register("x", defaults={"lr": 0})(ClassBias)
+    assert "x" not in REGISTRY
+
+
 def test_kl_weight_is_a_per_method_default():
     """Row (a) is the original LoRA (CE only), rows (b)-(d) add one component each; GLAD is CE + KL."""
     weights = {m: TrainConfig(method=m).kl_weight for m in ("lora", "lora+sam", "lora+gradreg", "lora+alignnet",
@@ -265,10 +340,11 @@ def test_report_shows_the_description_provider_beside_each_number(tmp_path):
     def record(dataset, method, base, novel, provider=None, **params):
         rec = {"cell": {"protocol": "base_to_novel", "dataset": dataset, "method": method, "seed": 1, "shots": 4,
                         "backbone": "glad-mini"},
-               "params": {"protocol": "base_to_novel", "dataset": dataset, "method": method, **params},
+               "identity": {"protocol": "base_to_novel", "dataset": dataset, "method": method, **params},
                "metrics": {"base": base, "novel": novel, "hm": 2 * base * novel / (base + novel)}}
         if method == "mugcp":
-            rec["descriptions"] = provider and {"kind": provider, "oracle": provider == "oracle"}
+            rec["method"] = {"info": {"descriptions": provider and {"kind": provider, "oracle": provider == "oracle"}},
+                             "metrics": {}}
         path = tmp_path / dataset / method / f"{abs(hash(json.dumps(params, sort_keys=True)))}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(rec))
