@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -370,3 +371,33 @@ def test_report_shows_the_description_provider_beside_each_number(tmp_path):
     assert methods[:2] == ["glad", "cocoop"] and set(methods[2:]) == {"mugcp (oracle)", "mugcp (retrieval)", "mugcp"}
     rows = shown.xs("tuxpaint", level="dataset")
     assert rows.xs("mugcp (oracle)", level="method")[("base", "ours")].tolist() == ["90.00"]
+
+
+PAPER_FILES = sorted((Path(__file__).resolve().parents[1] / "params").glob("*.yaml"))
+BASELINE_RECIPES = {  # docs/recipes.md: what each baseline's public code runs (ViT-B/16, base-to-novel)
+    "coop": {"lr": 0.002, "epochs": 200, "batch_size": 32, "weight_decay": 5e-4},
+    "cocoop": {"lr": 0.002, "epochs": 10, "batch_size": 1, "weight_decay": 5e-4},
+    "kgcoop": {"lr": 0.002, "epochs": 100, "batch_size": 128, "weight_decay": 5e-4, "kg_weight": 8.0},
+    "clip_lora": {"lr": 2e-4, "batch_size": 32, "weight_decay": 1e-2, "rank": 2, "iterations_per_shot": 500},
+}
+
+
+@pytest.mark.parametrize("path", PAPER_FILES, ids=lambda p: p.name)
+def test_paper_files_resolve_every_method_with_a_published_recipe_to_it(path):
+    """Added to any paper file's grid, a method with a published recipe gets exactly its registered defaults
+    (no flat key of the file reaches it), and GLAD gets the paper's values."""
+    from glad_core import params as P
+
+    recipes = [n for n, i in REGISTRY.items() if i.recipe]
+    assert set(BASELINE_RECIPES) <= set(recipes) and {"erm_wf", "guidg", "clipood+guidg"} <= set(recipes)
+    p = P.load(path, methods=[*recipes, "glad"], data_root="/data")
+    for name in recipes:
+        cfg = P.train_config(p, name, 1)
+        assert cfg == TrainConfig(method=name, seed=1), name
+        got = {**cfg.to_dict(), **cfg.hparams}
+        assert {k: got[k] for k in BASELINE_RECIPES.get(name, {})} == BASELINE_RECIPES.get(name, {}), name
+    glad = P.train_config(p, "glad", 1)
+    assert (glad.epochs, glad.lr, glad.batch_size, glad.rho, glad.alpha, glad.aug_scale_min, glad.aug_flip) == (
+        20, 1e-3, 32, 0.1, 0.5, 0.08, True)
+    assert (glad.hparams["rank"], glad.hparams["alignnet_hidden"], glad.hparams["step_rule"]) == (8, (256, 128),
+                                                                                                 "gradreg")
