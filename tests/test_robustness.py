@@ -454,3 +454,28 @@ def test_unreadable_image_error_names_the_file(tiny_config, data_root, kind):
         evaluate(model, items, list(CLASSES), TEMPLATES, transform, progress=False)
     with pytest.raises(ImageReadError, match=re.escape(str(bad))):
         train(model, items, list(CLASSES), TEMPLATES, progress=False)
+
+
+def test_batch_explain_shows_each_methods_values_and_their_sources(tmp_path, capsys):
+    """`--dry-run --explain`: one JSON line per method, every value it reads and where it came from."""
+    import json
+
+    from glad_core.batch import main
+
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"datasets": ["tuxpaint"], "methods": ["glad", "coop", "zeroshot"], "epochs": 3,
+                                    "rank": 4, "method_settings": {"glad": {"lr": 0.004}}}))
+    assert main([str(path), "--dry-run", "--explain", "--set", "batch_size=8"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(d["file"], d["method"]) for d in lines] == [(str(path), m) for m in ("glad", "coop", "zeroshot")]
+    glad, coop, zeroshot = (d["params"] for d in lines)
+    src = {d["method"]: d["sources"] for d in lines}
+    assert set(src["glad"]) == set(glad) and set(src["coop"]) == set(coop)
+    assert (glad["lr"], glad["epochs"], glad["batch_size"], glad["rank"], glad["alpha"]) == (0.004, 3, 8, 4, 0.5)
+    assert (src["glad"]["lr"], src["glad"]["epochs"], src["glad"]["batch_size"], src["glad"]["rank"],
+            src["glad"]["alpha"]) == ("method_settings", "file", "command line", "file", "method default")
+    assert (coop["lr"], coop["epochs"], coop["weight_decay"]) == (0.002, 3, 5e-4)  # its recipe, but the flat epochs
+    assert src["coop"]["lr"] == "method default" and "rank" not in coop  # a key it does not declare
+    assert "alpha" not in coop and "rho" not in coop  # no step rule: coop does not read them
+    assert set(zeroshot) == {"device", "precision", "num_workers", "eval_batch_size"}  # it trains nothing
+    assert main([str(path), "--explain"]) == 2 and "add --dry-run" in capsys.readouterr().err
