@@ -405,6 +405,33 @@ def test_a_changed_parameter_trains_anew_and_an_unchanged_one_is_reused(tiny_con
     assert sorted(set(df["setting"])) == ["alpha=0.3", "alpha=0.5"]  # reported apart, never averaged
 
 
+def test_a_knob_a_method_does_not_read_never_retrains_it(tmp_path):
+    """The record's identity holds only what the method reads: alpha retrains glad (step rule gradreg), not
+    coop or lora (no step rule); eval_batch_size only GuiDG with batch-averaged attention."""
+    def paths(**kw: Any) -> dict[str, Path]:
+        p = {"datasets": ["tuxpaint"], "methods": ["glad", "coop", "lora", "zeroshot"], "results_dir": str(tmp_path),
+             **kw}
+        return {c.train.method: c.record_path for c in P.cells(p)}
+
+    before, after = paths(alpha=0.5), paths(alpha=0.3)
+    assert before["glad"] != after["glad"]
+    assert {m: before[m] == after[m] for m in ("coop", "lora", "zeroshot")} == {"coop": True, "lora": True,
+                                                                                "zeroshot": True}
+    assert paths(lr=0.004)["zeroshot"] == before["zeroshot"] and paths(lr=0.004)["coop"] != before["coop"]
+    (lora_sam,) = P.cells({"datasets": ["tuxpaint"], "methods": ["lora"], "method_settings": {"lora": {"step_rule": "sam"}}})
+    assert "rho" in lora_sam.identity() and "alpha" in lora_sam.identity()  # read under a step rule
+
+    def guidg(**kw: Any) -> Path:
+        (cell,) = P.cells({"protocol": "multi_source_dg", "datasets": ["mini_pacs"], "held_out": ["sketch"],
+                           "methods": ["guidg"], "results_dir": str(tmp_path), **kw})
+        return cell.record_path
+
+    assert guidg(eval_batch_size=64) != guidg()  # 36: the attention is averaged over each evaluation batch
+    assert guidg(eval_batch_size=64, attention="image") == guidg(attention="image")  # per image: no effect
+    assert guidg(kl_weight=1.0) == guidg()  # GuiDG's loss has no KL term
+    assert paths(eval_batch_size=7, device="cpu", num_workers=1) == before  # never the numbers of these
+
+
 def test_cli_bad_input_is_one_error_line_with_the_fix(tmp_path):
     """Missing dataset folder, missing split file, unreadable weights: exit 2, `error: ...`, no traceback."""
     def run(*args: str) -> subprocess.CompletedProcess:
