@@ -173,6 +173,7 @@ def _items(tmp_path, shots: int = 4) -> list:
 
     from glad_core.data import Datum
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     items = []
     for label, rgb in enumerate([(220, 30, 30), (30, 200, 40), (30, 40, 220)]):
         for i in range(shots):
@@ -401,3 +402,39 @@ def test_paper_files_resolve_every_method_with_a_published_recipe_to_it(path):
         20, 1e-3, 32, 0.1, 0.5, 0.08, True)
     assert (glad.hparams["rank"], glad.hparams["alignnet_hidden"], glad.hparams["step_rule"]) == (8, (256, 128),
                                                                                                  "gradreg")
+
+
+#: Small settings per method for the contract test (its own defaults train for minutes).
+FAST_FIT = {"clip_lora": {"iterations_per_shot": 1}, "mugcp": {"scp": False, "vcp": False},
+            **{n: {"iterations": 1, "expert_epochs": 1, "expert_eval_every": 1, "expert_batch_size": 4, "n_ctx": 2,
+                   "aug_randaugment": False, "subdomains": 2}
+               for n, i in REGISTRY.items() if i.cls.__module__.endswith(".guidg")}}
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_fit_is_the_contract_for_every_method(tiny_clip, tmp_path, name):
+    """Every registered method trains through `fit(items, classnames, templates, *, val_items, checkpoint,
+    progress)` as the protocols call it (two source domains with val pools), changes what it trains, then
+    evaluates; its record sections are plain data."""
+    import json
+
+    from glad_core.data import Datum
+
+    items = [Datum(d.impath, d.label, d.classname, domain) for domain in ("photo", "sketch")
+             for d in _items(tmp_path / domain, shots=1)]
+    val = [Datum(d.impath, d.label, d.classname, domain) for domain in ("photo", "sketch")
+           for d in _items(tmp_path / f"val_{domain}", shots=1)]
+    method = _method(tiny_clip, name, epochs=1, batch_size=4, hparams=FAST_FIT.get(name, {}))
+    before = {k: v.clone() for k, v in method.trained_state().items()}
+    res = method.fit(items, CLASSES, TEMPLATES, val_items=val, checkpoint=tmp_path / "ckpt", progress=False)
+    assert (res.steps > 0) == REGISTRY[name].trains
+    after = method.trained_state()
+    assert any(k not in before or not torch.equal(before[k], v) for k, v in after.items()) == REGISTRY[name].trains
+    r = evaluate(method, items, CLASSES, TEMPLATES, tiny_clip[1], progress=False)
+    assert 0 <= r["acc"] <= 1 and r["n"] == len(items)
+    hook = method.extra_metrics()
+    if hook is not None:
+        with torch.no_grad(), method.inference():
+            f = method.encode_image(torch.randn(3, 3, 32, 32))
+            json.dumps(hook(f, torch.tensor([0, 1, 2])))
+    json.dumps(method.record_info())
