@@ -122,8 +122,6 @@ def _parsed(key: str, value: Any, knob: Hparam, nullable: bool = False, label: s
 def validate(params: dict[str, Any]) -> Validated:
     """Check every key, type and range (each method's keys by that method's own `Hparam`); returns the
     parameters with defaults filled in."""
-    if isinstance(params, Validated):
-        return params
     if not isinstance(params, dict):
         raise ParamError(f"parameters must be a mapping of name: value, got {type(params).__name__}")
     own = method_keys()
@@ -169,7 +167,8 @@ def validate(params: dict[str, Any]) -> Validated:
 
 
 def _check_transfer(out: dict[str, Any]) -> None:
-    """The other protocols: known datasets and targets (at least one where the protocol transfers), no held-out domains."""
+    """The other protocols: known datasets and targets (at least one where the protocol transfers), no
+    held-out domains."""
     if out["held_out"]:
         raise _fail("held_out", out["held_out"], "only the multi_source_dg protocol holds domains out")
     if out["protocol"] != "base_to_novel" and not out["targets"]:
@@ -248,7 +247,7 @@ def load(source: str | Path | dict[str, Any], **overrides: Any) -> Validated:
 def cells(params: dict[str, Any]) -> list[Cell]:
     """The grid datasets x methods x seeds as cells, in that order (multi_source_dg: datasets x held-out
     domains x methods x seeds). Parameters `validate` returned are not validated again."""
-    p = validate(params)
+    p = params if isinstance(params, Validated) else validate(params)
     configs = {(m, s): train_config(p, m, s) for m in p["methods"] for s in p["seeds"]}
     shared = dict(protocol=p["protocol"], shots=p["shots"], backbone=p["backbone"], pretrained=p["pretrained"],
                   data_root=p["data_root"], results_dir=p["results_dir"])
@@ -320,5 +319,6 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 def _takes_list(key: str) -> bool:
     """Whether a key holds a list (in any method declaring it): `--key a,b,c` is then split."""
-    declared = [PROTOCOL_KEYS.get(key) or SHARED.get(key)] + [REGISTRY[n].hparams[key] for n in method_keys().get(key, [])]
+    declared = [PROTOCOL_KEYS.get(key) or SHARED.get(key),
+                *(REGISTRY[n].hparams[key] for n in method_keys().get(key, []))]
     return any(h is not None and list in h.accepted() for h in declared)

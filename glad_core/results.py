@@ -7,6 +7,8 @@ from typing import Iterator
 
 import pandas as pd
 
+from .methods.base import NOT_IDENTITY
+
 CELL_KEYS = ["protocol", "dataset", "method", "descriptions", "backbone", "shots", "setting", "seed"]
 _NAMING = ("protocol", "dataset", "method", "backbone", "shots", "seed")  # the cell's name, not a setting
 
@@ -38,7 +40,7 @@ def collect(results_dir: str | Path = "results") -> pd.DataFrame:
         setting = ", ".join(f"{k}={json.loads(mine[k]) if k in mine else None}" for k in differing)
         for split, acc in rec["metrics"].items():
             rows.append({**{k: rec["cell"][k] for k in CELL_KEYS if k not in ("setting", "descriptions")},
-                         "descriptions": (method_info(rec).get("descriptions") or {}).get("kind", ""),
+                         "descriptions": (record_info(rec).get("descriptions") or {}).get("kind", ""),
                          "setting": setting,
                          "split": split, "acc": acc, "record": str(path)})
     return pd.DataFrame(rows, columns=CELL_KEYS + ["split", "acc", "record"])
@@ -64,10 +66,13 @@ def _variant(rec: dict) -> dict:
     parameters that may set it apart (a leave-one-domain-out record's held-out domain is its split, not a
     setting)."""
     skip = {*_NAMING, *(("targets",) if rec["cell"]["protocol"] == "multi_source_dg" else ())}
-    return {k: json.dumps(v, default=str) for k, v in rec.get("identity", {}).items() if k not in skip}
+    identity = rec.get("identity")
+    if identity is None:  # a record written before identities were stored: its parameters that may matter
+        identity = {k: v for k, v in rec.get("params", {}).items() if k not in NOT_IDENTITY}
+    return {k: json.dumps(v, default=str) for k, v in identity.items() if k not in skip}
 
 
-def method_info(rec: dict) -> dict:
+def record_info(rec: dict) -> dict:
     """The record's facts from its method (`Method.record_info`: MuGCP's description provider, ...)."""
     return (rec.get("method") or {}).get("info") or {}
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glad_core.methods import REGISTRY, Method, ablation_rows, build, load_trained, register, save_trained
-from glad_core.methods.base import Hparam
+from glad_core.methods.base import Hparam, switched_off
 from glad_core.train import TrainConfig, evaluate, train
 from glad_core.checks import in_range
 from glad_core.lora import lora_disabled
@@ -137,11 +137,8 @@ class ClassBias(Method):
 
     @contextmanager
     def zero_shot(self):
-        self._on = False
-        try:
+        with switched_off(self, "_on"):
             yield
-        finally:
-            self._on = True
 
 
 def test_a_new_method_is_one_class_and_runs_through_the_shared_loop(tiny_clip, tmp_path):

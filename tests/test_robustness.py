@@ -418,7 +418,8 @@ def test_a_knob_a_method_does_not_read_never_retrains_it(tmp_path):
     assert {m: before[m] == after[m] for m in ("coop", "lora", "zeroshot")} == {"coop": True, "lora": True,
                                                                                 "zeroshot": True}
     assert paths(lr=0.004)["zeroshot"] == before["zeroshot"] and paths(lr=0.004)["coop"] != before["coop"]
-    (lora_sam,) = P.cells({"datasets": ["tuxpaint"], "methods": ["lora"], "method_settings": {"lora": {"step_rule": "sam"}}})
+    (lora_sam,) = P.cells({"datasets": ["tuxpaint"], "methods": ["lora"],
+                           "method_settings": {"lora": {"step_rule": "sam"}}})
     assert "rho" in lora_sam.identity() and "alpha" in lora_sam.identity()  # read under a step rule
 
     def guidg(**kw: Any) -> Path:

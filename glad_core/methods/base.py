@@ -98,7 +98,8 @@ STEP_KNOBS = ("rho", "alpha", "delta")  # read only under a step rule other than
 
 
 def _device(v: str) -> str | None:
-    return None if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) else "allowed: 'auto', 'cpu', 'cuda', 'cuda:<index>', 'mps'"
+    ok = re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v)
+    return None if ok else "allowed: 'auto', 'cpu', 'cuda', 'cuda:<index>', 'mps'"
 
 
 #: The shared training and evaluation knobs: the value a method gets when neither its registered defaults
