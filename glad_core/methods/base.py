@@ -44,6 +44,7 @@ from torch import nn
 
 from ..checks import in_range, one_of
 from ..encode import class_text_features
+from ..gradreg import MODES
 from ..io import atomic_path
 from ..lora import merge_lora, unmerge_lora
 
@@ -90,10 +91,9 @@ class Hparam:
         return tuple(value) if isinstance(self.default, tuple) and isinstance(value, list) else value
 
 
-STEP_RULES = ("none", "sam", "gradreg")
 #: The one step-rule hyper-parameter of every method that trains (a registered name may fix its default).
 STEP_RULE = Hparam("none", "update rule: 'none' (the optimizer's step), 'sam' or 'gradreg' (Algorithm 1; "
-                   "rho, alpha, delta)", one_of(STEP_RULES))
+                   "rho, alpha, delta)", one_of(MODES))
 STEP_KNOBS = ("rho", "alpha", "delta")  # read only under a step rule other than "none"
 
 
