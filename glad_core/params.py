@@ -144,7 +144,7 @@ def validate(params: dict[str, Any]) -> Validated:
                 except ValueError as e:
                     raise _fail(key, out[key], f"{e} (a flat key: checked by method {name!r}, which declares it; "
                                 "set other values per method under method_settings)") from None
-    settings = out["method_settings"] or {}
+    settings = dict(out["method_settings"] or {})
     for name, section in settings.items():
         if name not in REGISTRY:
             raise _fail("method_settings", name, f"unknown method; allowed: {list(REGISTRY)}")
@@ -155,8 +155,8 @@ def validate(params: dict[str, Any]) -> Validated:
             if key not in knobs:
                 raise _fail(f"method_settings.{name}.{key}", value,
                             f"not a setting of method {name!r}; allowed: {sorted(knobs)}")
-        settings[name] = {key: _parsed(key, value, knobs[key], label=f"method_settings.{name}.{key}")
-                          for key, value in section.items()}
+        settings[name] = {key: _parsed(key, value, knobs[key], nullable=key in SHARED,
+                                       label=f"method_settings.{name}.{key}") for key, value in section.items()}
     out["method_settings"] = settings or None
     if out["protocol"] == "multi_source_dg":
         _check_multi_source(out)
@@ -184,7 +184,8 @@ def _check_transfer(out: dict[str, Any]) -> None:
 
 def defaults() -> dict[str, Any]:
     """Every key: the protocol's defaults; null for the methods' keys (each method's own default applies)."""
-    return {**{k: h.default for k, h in PROTOCOL_KEYS.items()}, **{k: None for k in (*SHARED, *method_keys())}}
+    protocol = {k: list(h.default) if isinstance(h.default, list) else h.default for k, h in PROTOCOL_KEYS.items()}
+    return {**protocol, **{k: None for k in (*SHARED, *method_keys())}}
 
 
 def domains_of(name: str) -> list[str]:

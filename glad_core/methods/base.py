@@ -84,11 +84,19 @@ class Hparam:
             except ValueError:
                 pass
         if object not in types and ((isinstance(value, bool) and bool not in types) or not isinstance(value, types)):
-            raise ValueError("expected " + "/".join(t.__name__ for t in types))
+            raise ValueError("expected " + "/".join(t.__name__ for t in types) + self._hint(value))
         why = self.check(value) if self.check is not None else None
         if why:
             raise ValueError(why)
         return tuple(value) if isinstance(self.default, tuple) and isinstance(value, list) else value
+
+    def _hint(self, value: Any) -> str:
+        """The check's reason for a value of the wrong type, where it can judge one ('' otherwise)."""
+        try:
+            why = self.check(value) if self.check is not None else None
+        except (TypeError, ValueError):
+            return ""
+        return f" ({why})" if why else ""
 
 
 #: The one step-rule hyper-parameter of every method that trains (a registered name may fix its default).
