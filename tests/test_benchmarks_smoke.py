@@ -48,7 +48,7 @@ def test_smoke_run_prints_every_row_and_writes_results(tmp_path):
         assert "no GPU was available for this measurement" in written["7"][0][6]
 
 
-@pytest.mark.parametrize("script, rows", [("mugcp.py", 3), ("guidg.py", 3)])
+@pytest.mark.parametrize("script, rows", [("mugcp.py", 3), ("guidg.py", 3), ("deep_prompts.py", 8)])
 def test_method_benchmarks_smoke(script, rows, tmp_path):
     out = tmp_path / "rows.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--json", str(out)]

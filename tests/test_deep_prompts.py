@@ -320,3 +320,20 @@ def test_deep_prompt_methods_run_in_every_protocol_on_an_open_clip_vit(tiny_conf
         rec = run_cell(cell, progress=False)
         assert rec["train"]["steps"] >= 2 and 0 <= min(rec["metrics"].values()) <= 1
         assert rec["cell"]["method"] in methods
+
+
+def test_report_table_1_shows_maple_and_promptsrc_beside_their_published_numbers():
+    import pandas as pd
+
+    from glad_core.published import published
+    from glad_core.report import PAPER_BACKBONE, PAPER_SHOTS, base_to_novel_comparison
+
+    rows = [{"protocol": "base_to_novel", "dataset": "eurosat", "method": m, "descriptions": "",
+             "backbone": PAPER_BACKBONE[0], "shots": PAPER_SHOTS, "setting": "", "seed": 1, "split": split,
+             "acc": 0.5, "record": f"{m}{split}"} for m in ("maple", "promptsrc", "ivlp") for split in ("base", "novel", "hm")]
+    t = base_to_novel_comparison(pd.DataFrame(rows)).set_index(["method", "split"])
+    pub = published("base_to_novel").set_index(["method", "dataset"])
+    for m in ("maple", "promptsrc"):
+        assert t.loc[(m, "base"), "published"] == pytest.approx(pub.loc[(m, "eurosat"), "base"])
+        assert t.loc[(m, "hm"), "gap"] == pytest.approx(50 - pub.loc[(m, "eurosat"), "hm"])
+    assert pd.isna(t.loc[("ivlp", "base"), "published"])  # not in GLAD's Table 1
