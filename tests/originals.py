@@ -4,7 +4,7 @@ Both sides build the same weights from this recipe: the reference run loads them
 repository's own `clip.build_model` (OpenAI's state-dict layout), the tests into open_clip's CLIP
 (the same layout and key names). `trained(shapes)` gives the trained tensors (prompts, coupling
 layers) both sides copy into their models before computing the stored outputs. How the reference
-files under `tests/data/originals/` were produced: `tests/data/originals/README.md`.
+files under `tests/data/originals/` were produced: `tests/data/originals/deep_prompts.md`.
 """
 from __future__ import annotations
 
