@@ -41,9 +41,10 @@ from .prompt_learning import DASSL_SGD, PROMPT_HPARAMS, CoOp
 
 log = logging.getLogger(__name__)
 
-SHARED = {k: PROMPT_HPARAMS[k] for k in ("ctx_init", "momentum", "warmup_epochs", "warmup_lr", "prompt_chunk")}
+COMMON = {k: PROMPT_HPARAMS[k] for k in ("ctx_init", "momentum", "warmup_epochs", "warmup_lr", "prompt_chunk",
+                                          "step_rule")}
 IVLP_HPARAMS = {
-    **SHARED,
+    **COMMON,
     "n_ctx": Hparam(4, "text context tokens M (N_CTX_TEXT: 4)", in_range(1)),
     "n_ctx_vision": Hparam(4, "vision prompt tokens per layer (N_CTX_VISION: 4)", in_range(1)),
     "text_depth": Hparam(9, "text blocks whose input carries learned tokens; 1 = the context alone (9)", in_range(1)),
@@ -113,7 +114,7 @@ class DeepPrompting(CoOp):
         return {"deep_prompts": {**info, **({"vision": self.vision_note} if self.vision_note else {})}}
 
 
-@register("ivlp", defaults={**RECIPE, "lr": 0.0025, "epochs": 20})
+@register("ivlp", order=43, recipe="docs/recipes.md (IVLP)", defaults={**RECIPE, "lr": 0.0025, "epochs": 20})
 class IVLP(DeepPrompting):
     """IVLP: independent deep prompts in the text and image towers."""
 
@@ -128,11 +129,12 @@ class IVLP(DeepPrompting):
         return list(self.vision_prompts)
 
 
-@register("maple", published="maple", defaults={**RECIPE, "lr": 0.0035, "epochs": 5})
+@register("maple", order=44, published="maple", recipe="docs/recipes.md (MaPLe)",
+          defaults={**RECIPE, "lr": 0.0035, "epochs": 5})
 class MaPLe(DeepPrompting):
     """MaPLe: deep text prompts, and vision prompts coupled to them by a linear layer per depth."""
 
-    hparams = {**SHARED,
+    hparams = {**COMMON,
                "n_ctx": Hparam(2, "context / prompt tokens per layer, both towers (N_CTX: 2)", in_range(1)),
                "prompt_depth": Hparam(9, "blocks of each tower whose input carries prompts (PROMPT_DEPTH: 9)",
                                       in_range(1))}
@@ -193,7 +195,8 @@ class GaussianPromptAggregation:
         self.steps, self.sum = state["steps"], state["sum"]
 
 
-@register("promptsrc", published="promptsrc", defaults={**RECIPE, "lr": 0.0025, "epochs": 20})
+@register("promptsrc", order=45, published="promptsrc", recipe="docs/recipes.md (PromptSRC)",
+          defaults={**RECIPE, "lr": 0.0025, "epochs": 20})
 class PromptSRC(IVLP):
     """PromptSRC: IVLP's prompts regularized towards the frozen model, aggregated over epochs."""
 
