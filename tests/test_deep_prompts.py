@@ -146,7 +146,8 @@ def test_deep_prompts_off_leave_every_tower_untouched(tiny_clip):
     with torch.no_grad():
         before = clip.encode_image(images), clip.encode_text(tokens)
         with vision_prompts(clip, []), text_prompts(clip, [], torch.zeros(2, 1, dtype=torch.long)):
-            assert torch.equal(clip.encode_image(images), before[0]) and torch.equal(clip.encode_text(tokens), before[1])
+            assert torch.equal(clip.encode_image(images), before[0])
+            assert torch.equal(clip.encode_text(tokens), before[1])
         p = torch.randn(3, 64)
         with vision_prompts(clip, [p, p]), text_prompts(clip, [torch.randn(1, 64)], torch.ones(2, 1, dtype=torch.long)):
             prompted = clip.encode_image(images), clip.encode_text(tokens)
@@ -196,7 +197,7 @@ def test_replacing_with_the_hidden_states_a_block_already_sees_changes_nothing(t
             out, x = _replaced_by_what_the_block_sees(clip, vision_blocks(clip), 1, lambda: clip.encode_image(image))
         with vision_prompts(clip, [u0, x[0, -2:]]):
             torch.testing.assert_close(clip.encode_image(image), out, atol=1e-6, rtol=0)
-        with vision_prompts(clip, [u0, x[0, -2:] + 0.1 * torch.randn(2, 64)]):  # (a constant shift: layer norm hides it)
+        with vision_prompts(clip, [u0, x[0, -2:] + 0.1 * torch.randn(2, 64)]):  # (layer norm hides a constant shift)
             assert not torch.allclose(clip.encode_image(image), out, atol=1e-4)
     for model, tokenizer in ((clip, tok), (tiny_hf_clip, _hf_tokenizer(tiny_hf_clip))):
         learner = DeepPromptLearner(model, tokenizer, ["cat"], n_ctx=2)
@@ -239,7 +240,7 @@ def test_split_init_keeps_the_rest_of_the_phrase_literal(tiny_clip):
 
 @pytest.mark.parametrize("name,trained", [
     ("ivlp", {"ctx", "text_prompts.0", "vision_prompts.0", "vision_prompts.1"}),
-    ("maple", {"ctx", "text_prompts.0", "coupling.0.weight", "coupling.0.bias", "coupling.1.weight", "coupling.1.bias"}),
+    ("maple", {"ctx", "text_prompts.0", *(f"coupling.{j}.{w}" for j in (0, 1) for w in ("weight", "bias"))}),
     ("promptsrc", {"ctx", "text_prompts.0", "vision_prompts.0", "vision_prompts.1"})])
 def test_gradients_reach_only_the_prompts_and_coupling(tiny_clip, name, trained):
     clip, _, tok = tiny_clip  # 2 blocks per tower: depth 9 prompts both
@@ -330,7 +331,8 @@ def test_report_table_1_shows_maple_and_promptsrc_beside_their_published_numbers
 
     rows = [{"protocol": "base_to_novel", "dataset": "eurosat", "method": m, "descriptions": "",
              "backbone": PAPER_BACKBONE[0], "shots": PAPER_SHOTS, "setting": "", "seed": 1, "split": split,
-             "acc": 0.5, "record": f"{m}{split}"} for m in ("maple", "promptsrc", "ivlp") for split in ("base", "novel", "hm")]
+             "acc": 0.5, "record": f"{m}{split}"}
+            for m in ("maple", "promptsrc", "ivlp") for split in ("base", "novel", "hm")]
     t = base_to_novel_comparison(pd.DataFrame(rows)).set_index(["method", "split"])
     pub = published("base_to_novel").set_index(["method", "dataset"])
     for m in ("maple", "promptsrc"):

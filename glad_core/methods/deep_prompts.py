@@ -224,7 +224,8 @@ class PromptSRC(IVLP):
         if key not in self._teachers:
             with torch.no_grad():
                 tokens = self.tokenizer(prompts(classnames, PROMPTSRC_TEMPLATES)).to(self.ctx.device)
-                f = torch.cat([encode_text(self.clip, t, normalize=False) for t in tokens.split(self.hp["prompt_chunk"])])
+                chunks = tokens.split(self.hp["prompt_chunk"])
+                f = torch.cat([encode_text(self.clip, t, normalize=False) for t in chunks])
                 f = f.to(self.dtype).view(len(PROMPTSRC_TEMPLATES), len(classnames), -1).mean(0)
             self._teachers[key] = F.normalize(f, dim=-1)
         return self._teachers[key]
