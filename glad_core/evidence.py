@@ -115,9 +115,12 @@ def paired_sentences(p: pd.DataFrame) -> list[str]:
     return out
 
 
-def forest_plot(p: pd.DataFrame, path: str | Path, title: str) -> Path:
+def forest_plot(p: pd.DataFrame, path: str | Path, title: str, max_lines: int = 40) -> Path:
     """Paired differences from the reference with their 95% intervals, one line per method, place and split
-    (filled: the interval excludes 0), a vertical line at 0; saved as PNG at `path` (returned)."""
+    (filled: the interval excludes 0), a vertical line at 0; beyond `max_lines` differences, those of the
+    headline split only (`headline_splits`); saved as PNG at `path` (returned)."""
+    if len(p) > max_lines:
+        p = p[p["split"].isin(headline_splits(p))]
     p = p.assign(label=method_labels(p))
     place = p["row"].map(lambda r: f"({r})" if r else "") + p["dataset"].where(p["row"].eq(""), "")
     labels = (place + " · " + p["label"] + " · " + p["split"]).tolist()

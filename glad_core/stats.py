@@ -108,18 +108,19 @@ def record_draws(df: "pd.DataFrame", draws: int = DRAWS, seed: int = SEED) -> li
     out: list[np.ndarray | None] = [None] * len(df)
     if "correct" not in df.columns:
         return out
+    df = df.reset_index(drop=True)  # positions
     evaluated = df["correct"].notna() & df["test"].notna()
     for test, rows in df[evaluated].groupby("test", sort=False):
         bits = np.stack([unpack(b, int(n)) for b, n in zip(rows["correct"], rows["n"])], axis=1)
         acc = 100 * resampled_accuracy(bits, test, seed, draws)
         for j, i in enumerate(rows.index):
-            out[df.index.get_loc(i)] = acc[:, j]
+            out[i] = acc[:, j]
     for _, rows in df.groupby("record", sort=False):
-        by_split = {s: out[df.index.get_loc(i)] for s, i in zip(rows["split"], rows.index)}
+        by_split = {s: out[i] for s, i in zip(rows["split"], rows.index)}
         for split, i in zip(rows["split"], rows.index):
             if split == "hm" and by_split.get("base") is not None and by_split.get("novel") is not None:
-                out[df.index.get_loc(i)] = harmonic_mean(by_split["base"], by_split["novel"])
+                out[i] = harmonic_mean(by_split["base"], by_split["novel"])
             elif split == "average" and rows["protocol"].iloc[0] in ("cross_dataset", "domain_generalization"):
                 source = rows["dataset"].iloc[0]
-                out[df.index.get_loc(i)] = mean_draws([d for s, d in by_split.items() if s not in (source, "average")])
+                out[i] = mean_draws([d for s, d in by_split.items() if s not in (source, "average")])
     return out

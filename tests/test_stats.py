@@ -274,3 +274,13 @@ def test_the_ablation_is_compared_with_its_row_a(tmp_path):
     assert set(p["reference"]) == {ablation_rows()["a"]} and set(p["row"]) == {"b", "-"}
     same = p[p["row"] == "b"]
     assert (same["diff"] == 0).all() and (same["lo"] == 0).all() and (same["hi"] == 0).all()
+
+
+def test_figures_of_one_cell_do_not_overwrite_each_other(tmp_path):
+    from glad_core import params as P
+    from glad_core.report import figure_path
+
+    [cell] = P.cells({"datasets": ["tuxpaint"], "methods": ["glad"], "results_dir": str(tmp_path)})
+    paths = [figure_path([cell], "base_to_novel", kind) for kind in ("", "paired", "budget")]
+    assert paths[0] == cell.record_path.with_suffix(".png") and len(set(paths)) == 3
+    assert paths[1].name == cell.record_path.stem + "_paired.png"
