@@ -303,13 +303,18 @@ def _count(v: float) -> str:
     return MISSING if math.isnan(v) else f"{v:.0f}" if v < 1e4 else f"{v / 1e3:.1f}k" if v < 1e6 else f"{v / 1e6:.2f}M"
 
 
+def _seconds(v: float) -> str:
+    """Seconds in a fixed width (a printed table keeps its layout from run to run)."""
+    return f"{MISSING:>9}" if math.isnan(v) else f"{v:7.1f} s"
+
+
 def display_budget(t: pd.DataFrame, index: list[str]) -> pd.DataFrame:
-    """The mean budget of each display row's records: optimizer steps, images seen, trained parameters
-    and training seconds ('—' where not recorded)."""
-    b = t.groupby(index, sort=False)[["steps", "images_seen", "parameters", "train_s"]].mean()
+    """The mean budget of each display row's records: optimizer steps, images seen, trained parameters,
+    training and evaluation seconds ('—' where not recorded)."""
+    b = t.groupby(index, sort=False)[["steps", "images_seen", "parameters", "train_s", "eval_s"]].mean()
     out = pd.DataFrame({"steps": b["steps"].map(_count), "images seen": b["images_seen"].map(_count),
-                        "parameters": b["parameters"].map(_count),
-                        "train": b["train_s"].map(lambda v: MISSING if math.isnan(v) else f"{v:.1f} s")})
+                        "parameters": b["parameters"].map(_count), "train": b["train_s"].map(_seconds),
+                        "eval": b["eval_s"].map(_seconds)})
     out.columns = pd.MultiIndex.from_product([["budget"], out.columns])
     return out
 
@@ -523,7 +528,7 @@ def write_report(tables: Mapping[str, pd.DataFrame], out_dir: str | Path, record
         if len(p):
             lines += [evidence.paired_note(p), "", _markdown(evidence.display_paired(p)), ""]
             lines += [f"- {s}" for s in evidence.paired_sentences(p)] + [""]
-        lines += [f"![{TABLES[name]}: {kind}]({png.name})" for kind, png in shown.items()] + [""]
+        lines += [line for kind, png in shown.items() for line in (f"![{TABLES[name]}: {kind}]({png.name})", "")]
     lines += ["## Published reference: averages (ViT-B/16, 16 shots; GLAD paper, Tables 1-3)", ""]
     for name, ref in published_reference().items():
         lines += [f"### {TABLES[name]}", "", _markdown(ref), ""]
