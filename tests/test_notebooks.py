@@ -28,9 +28,15 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 SANITIZE = Path(__file__).resolve().parent / "nbval_sanitize.cfg"
 CHECK = "# NBVAL_CHECK_OUTPUT"
 # notebook -> its smoke parameter file (None: the report, which only reads records)
-SMOKE_PARAMS = {"base_to_novel": "base_to_novel.yaml", "ablation": "ablation.yaml",
-                "cross_dataset": "cross_dataset.yaml", "domain_generalization": "domain_generalization.yaml",
-                "multi_source_dg": "multi_source_dg.yaml", "mugcp_providers": "mugcp_providers.yaml", "report": None}
+SMOKE_PARAMS = {"base_to_novel": "base_to_novel.yaml", "loss_landscape": "base_to_novel.yaml",
+                "ablation": "ablation.yaml", "cross_dataset": "cross_dataset.yaml",
+                "domain_generalization": "domain_generalization.yaml", "multi_source_dg": "multi_source_dg.yaml",
+                "mugcp_providers": "mugcp_providers.yaml", "report": None}
+# the notebook's own parameters on top of its file's: the landscape of base-to-novel's LoRA and GLAD cells (their
+# records reused), on a 3 x 3 grid over 4 images, without the top Hessian eigenvalue (Hessian-vector products
+# through glad-mini's convolutions take minutes on a CPU; test_landscape.py checks them on tiny towers of its kinds)
+SMOKE_OVERRIDES = {"loss_landscape": {"methods": ["lora", "glad"], "grid_points": 3, "max_images": 4,
+                                      "hessian_iters": 0}}
 OWN_RESULTS = {"mugcp_providers"}  # study notebooks (variants of a method): own results folder, not in the report
 
 
@@ -76,12 +82,13 @@ def _smoke(name: str, results: Path) -> dict:
     if SMOKE_PARAMS[name] is None:
         return {"results_dir": str(results)}
     p = yaml.safe_load((SMOKE / SMOKE_PARAMS[name]).read_text())
-    return {**p, "results_dir": str(results)}
+    return {**p, **SMOKE_OVERRIDES.get(name, {}), "results_dir": str(results)}
 
 
 # ----------------------------------------------------------------------------- batch
 
 
+@pytest.mark.notebook
 def test_batch_runs_every_cell_reports_a_failure_goes_on_and_resumes(env, results, tmp_path):
     # a cell that fails (a standard dataset with no data), planned before the smoke cells
     failing = {"datasets": ["eurosat"], "methods": ["zeroshot"], "shots": 1, "backbone": "glad-mini",
@@ -194,6 +201,7 @@ def _check_cells(nb: nbformat.NotebookNode) -> list:
     return [c for c in nb.cells if c.cell_type == "code" and c.source.startswith(CHECK)]
 
 
+@pytest.mark.notebook
 @pytest.mark.parametrize("name", list(SMOKE_PARAMS))
 def test_notebook(name, env, results, tmp_path):
     import papermill as pm
@@ -209,7 +217,7 @@ def test_notebook(name, env, results, tmp_path):
     if name in OWN_RESULTS:
         results = tmp_path / "results"
     if name == "report":  # every smoke record present whichever tests ran before, then the batch runs the report
-        grids = sorted(str(SMOKE / f) for n, f in SMOKE_PARAMS.items() if f and n not in OWN_RESULTS)
+        grids = sorted({str(SMOKE / f) for n, f in SMOKE_PARAMS.items() if f and n not in OWN_RESULTS})
         r = _batch([*grids, "--only-missing", "--report",
                     "--set", f"results_dir={results}"], env)
         assert r.returncode == 0, r.stdout + r.stderr
