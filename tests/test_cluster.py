@@ -86,6 +86,7 @@ def sequential(env, tmp_path_factory) -> dict[str, dict]:
     return records
 
 
+@pytest.mark.cluster
 def test_a_cell_whose_worker_is_killed_runs_again_and_writes_its_record_once(env, sequential, tmp_path):
     """Two workers write the sequential run's records, even when a worker dies in the middle of a cell."""
     import psutil
@@ -146,6 +147,7 @@ def local_client():
             yield client
 
 
+@pytest.mark.cluster
 def test_units_stay_on_one_worker_and_each_worker_runs_one_cell_at_a_time(local_client, tmp_path):
     files = [SMOKE / f"{p}.yaml" for p in ("base_to_novel", "ablation", "cross_dataset", "domain_generalization")]
     jobs = batch.plan(files, {"results_dir": str(tmp_path / "results"), "seeds": [1, 2]})
@@ -177,6 +179,7 @@ def _fail_lora(log: Path, job: batch.Job) -> str | None:
     return batch.failure(job, ValueError("no data")) if job.cell.train.method == "lora" else None
 
 
+@pytest.mark.cluster
 def test_a_cell_failure_is_reported_and_the_others_go_on(local_client, tmp_path):
     jobs = batch.plan([SMOKE / "base_to_novel.yaml"], {"results_dir": str(tmp_path)})
     log = tmp_path / "log.txt"

@@ -296,6 +296,7 @@ def config_dir(tiny_config, tmp_path_factory) -> Path:
     return d
 
 
+@pytest.mark.slow
 def test_batch_killed_at_random_moments_resumes_without_loss(tiny_config, config_dir, data_root, tmp_path):
     results = tmp_path / "killed"
     params = _cell_params(tiny_config, data_root, results, methods=["zeroshot", "lora", "glad"], seeds=[1, 2],
