@@ -2,6 +2,7 @@
 
     python -m glad_core.batch params/demo/*.yaml --report              # run what is missing, then the report
     python -m glad_core.batch params/base_to_novel.yaml --dry-run      # the plan, done / todo
+    python -m glad_core.batch params/base_to_novel.yaml --dry-run --explain   # what each method gets, and why
     python -m glad_core.batch params/base_to_novel.yaml --shard 0/4 --set data_root=/data
     python -m glad_core.batch params/*.yaml --workers 4 --set data_root=/data        # 4 worker processes
     python -m glad_core.batch params/*.yaml --slurm --jobs 8 --gpus-per-job 1 --dry-run   # the job script
@@ -34,6 +35,7 @@ it different parameters are an error, since the record path would be shared).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -220,6 +222,14 @@ def report(results_dir: str | Path) -> Path:
     return report_path(results_dir)
 
 
+def explain(sources: Sequence[str | Path], overrides: dict[str, Any]) -> None:
+    """Print, per parameter file and method of its grid, one JSON object: the file, the method, every
+    value it reads (`params`) and where each came from (`sources`; `glad_core.params.explain`)."""
+    for source in sources:
+        for line in P.explain(source, overrides):
+            print(json.dumps({"file": str(source), **line}), flush=True)
+
+
 def _parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
     """`key=value` pairs as parameter overrides (values read as YAML, as on the main command line)."""
     flags: list[str] = []
@@ -277,6 +287,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("params", nargs="+", help="YAML parameter files (see params/)")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the plan with each cell's status (and the SLURM job script); run nothing")
+    parser.add_argument("--explain", action="store_true",
+                        help="with --dry-run: one JSON line per parameter file and method of the plan, every value "
+                             "the method reads and its source (method default, file, method_settings, command line)")
     parser.add_argument("--shard", default="0/1", metavar="i/n", help="run units i, i+n, ... (0 <= i < n)")
     parser.add_argument("--only-missing", action="store_true",
                         help="count a cell as done when its record exists, even without its executed notebook")
@@ -290,6 +303,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         index, _, count = args.shard.partition("/")
         if not (index.isdigit() and count.isdigit()):
             raise BatchError(f"--shard expects i/n, e.g. 0/4, got {args.shard!r}")
+        if args.explain:
+            if not args.dry_run:
+                raise BatchError("--explain shows the plan's values without running it: add --dry-run")
+            explain(args.params, _parse_sets(args.sets))
+            return 0
         slurm = _slurm(args)
         workers = int(args.workers) if args.workers and args.workers.isdigit() else args.workers  # or 'auto'
         jobs = shard(plan(args.params, _parse_sets(args.sets)), int(index), int(count))

@@ -1,21 +1,35 @@
 """Run parameters: one flat mapping (a YAML file in params/, a notebook's parameters cell, CLI flags),
 validated in full before any work starts, and expanded into cells (datasets x methods x seeds).
 
+Which value a method gets, from the lowest precedence to the highest:
+
+1. its registered default (`glad_core.methods`: its published recipe, else the shared default `SHARED`);
+2. a flat key of the file (or the command line): it applies to *every* method of the grid that reads
+   it, so a flat shared key (`epochs: 2`) overrides the baselines' recipes too: meant for a demo or a
+   smoke run of every method alike; a flat hyper-parameter applies to every method declaring it;
+3. `method_settings: {method: {key: value}}`: one method's deliberate change.
+
+The paper files (params/*.yaml) therefore hold only the protocol's keys flat (datasets, shots, seeds,
+backbone, ...) and state GLAD's values under `method_settings`, so every baseline keeps its recipe.
+`explain` (`python -m glad_core.batch FILE --dry-run --explain`) shows every method's resolved values
+and where each came from.
+
 Every problem raises `ParamError` naming the key, the value and what is allowed.
 """
 from __future__ import annotations
 
 import difflib
-import re
+import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Iterator
 
 import yaml
 
 from .checks import in_range, one_of, str_list
-from .methods import REGISTRY
+from .methods import REGISTRY, SHARED, Hparam
 from .protocols import PROTOCOLS, TARGET_PARTS, Cell
-from .train import DEFAULTS, TrainConfig
+from .train import TrainConfig
 
 
 class ParamError(ValueError):
@@ -23,112 +37,138 @@ class ParamError(ValueError):
 
 
 def _int_list(v: Any) -> str | None:
-    ok = isinstance(v, list) and v and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+    ok = v and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
     return None if ok else "must be a non-empty list of integers >= 0"
 
 
-def _types(default: Any) -> tuple[type, ...]:
-    return (list, tuple) if isinstance(default, tuple) else (int, float) if isinstance(default, float) else (type(default),)
+def _methods(v: list) -> str | None:
+    return str_list(v) or next((f"unknown method {m!r}; allowed: {list(REGISTRY)}" for m in v if m not in REGISTRY),
+                               None)
 
 
-Entry = tuple[tuple[type, ...], Callable[[Any], "str | None"] | None, str]
-
-# key: (types, check or None, description). Grid keys hold lists; the rest are single values.
-SCHEMA: dict[str, Entry] = {
-    "protocol": ((str,), one_of(PROTOCOLS), "evaluation protocol"),
-    "datasets": ((list,), str_list, "datasets to train on (grid axis); the source for transfer protocols"),
-    "methods": ((list,), lambda v: str_list(v) or next((f"unknown method {m!r}; allowed: {list(REGISTRY)}"
-                                                         for m in v if m not in REGISTRY), None),
-                "methods (grid axis)"),
-    "seeds": ((list,), _int_list, "seeds (grid axis)"),
-    "targets": ((list,), str_list, "datasets the source model is evaluated on (transfer protocols)"),
-    "shots": ((int,), in_range(1), "training images per class"),
-    "backbone": ((str,), None, "open_clip model name, 'hf-hub:' / 'local-dir:' id, or glad-mini"),
-    "pretrained": ((str, type(None)), None, "open_clip pretrained tag or local checkpoint path; null = random init"),
-    "data_root": ((str, type(None)), None, "folder holding the datasets in CoOp's layout (demo sets need none)"),
-    "results_dir": ((str,), None, "where records and adapters are written"),
-    "held_out": ((list,), str_list, "multi_source_dg: domains held out in turn (grid axis); [] = every domain"),
-    "target_part": ((str,), one_of(TARGET_PARTS), "multi_source_dg: test the held-out domain on its test part "
-                    "or on all its images"),
+_LIST, _STR, _OPT_STR = (list,), (str,), (str, type(None))
+#: The protocol's keys (not the methods'). Grid keys hold lists; the rest are single values.
+PROTOCOL_KEYS: dict[str, Hparam] = {
+    "protocol": Hparam("base_to_novel", "evaluation protocol", one_of(PROTOCOLS)),
+    "datasets": Hparam([], "datasets to train on (grid axis); the source for transfer protocols", str_list, _LIST),
+    "methods": Hparam(["glad"], "methods (grid axis)", _methods, _LIST),
+    "seeds": Hparam([1], "seeds (grid axis)", _int_list, _LIST),
+    "targets": Hparam([], "datasets the source model is evaluated on (transfer protocols)", str_list, _LIST),
+    "shots": Hparam(16, "training images per class", in_range(1)),
+    "backbone": Hparam("glad-mini", "open_clip model name, 'hf-hub:' / 'local-dir:' id, or glad-mini"),
+    "pretrained": Hparam(None, "open_clip pretrained tag or local checkpoint path; null = random init", types=_OPT_STR),
+    "data_root": Hparam(None, "folder holding the datasets in CoOp's layout (demo sets need none)", types=_OPT_STR),
+    "results_dir": Hparam("results", "where records and adapters are written"),
+    "held_out": Hparam([], "multi_source_dg: domains held out in turn (grid axis); [] = every domain", str_list,
+                       _LIST),
+    "target_part": Hparam("test", "multi_source_dg: test the held-out domain on its test part or on all its images",
+                          one_of(TARGET_PARTS)),
+    "method_settings": Hparam(None, "settings of single methods, over the flat keys: {method: {key: value}}, "
+                              "e.g. {coop: {lr: 0.002}}", types=(dict, type(None))),
 }
-_SHARED_CHECKS: dict[str, Callable[[Any], str | None]] = {
-    "epochs": in_range(1), "batch_size": in_range(1), "lr": in_range(0, lo_open=True), "weight_decay": in_range(0),
-    "kl_weight": in_range(0), "rho": in_range(0), "alpha": in_range(0, 1), "delta": in_range(0),
-    "aug_scale_min": in_range(0, 1, lo_open=True), "num_workers": in_range(0),
-    "eval_batch_size": in_range(1), "precision": one_of(("auto", "fp32", "bf16")),
-    "device": lambda v: (None if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v)
-                         else "allowed: 'auto', 'cpu', 'cuda', 'cuda:<index>', 'mps'"),
-}
-#: Shared training knobs: null (the default) = each method's own default (glad_core.methods), else DEFAULTS.
-SHARED_KEYS = tuple(DEFAULTS)
-for key, default in DEFAULTS.items():
-    SCHEMA[key] = ((*_types(default), type(None)), _SHARED_CHECKS.get(key),
-                   f"training parameter (null: the method's default, else {default!r})")
-#: The methods' own hyper-parameters (a flat key applies to every method of the grid declaring it).
-METHOD_KEYS: dict[str, list[str]] = {}
-for info in REGISTRY.values():
-    for key, h in info.hparams.items():
-        METHOD_KEYS.setdefault(key, []).append(info.name)
-        SCHEMA.setdefault(key, ((*_types(h.default), type(None)), h.check, f"{h.doc} (default {h.default!r})"))
-SCHEMA["method_settings"] = ((dict, type(None)), None, "settings of single methods, over the flat keys: "
-                             "{method: {key: value}}, e.g. {coop: {lr: 0.002}}")
-
 GRID_KEYS = ("datasets", "methods", "seeds")
+
+
+def method_keys() -> dict[str, list[str]]:
+    """Every method's own hyper-parameter: the registered methods declaring it (read when called, so a
+    method registered after this module is imported counts)."""
+    out: dict[str, list[str]] = {}
+    for info in REGISTRY.values():
+        for key in info.hparams:
+            out.setdefault(key, []).append(info.name)
+    return out
+
+
+class _Schema(Mapping):
+    """Every key a parameter mapping may hold -> its `Hparam`: the protocol's, the shared knobs (null: the
+    method's default), then the methods' own (a key several methods declare shows its first declaration;
+    values are checked by each method's own). Computed on access, so it includes later registrations."""
+
+    def _all(self) -> dict[str, Hparam]:
+        own = {k: REGISTRY[names[0]].hparams[k] for k, names in method_keys().items()}
+        return {**PROTOCOL_KEYS, **SHARED, **{k: h for k, h in own.items() if k not in SHARED}}
+
+    def __getitem__(self, key: str) -> Hparam:
+        return self._all()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
+SCHEMA: Mapping[str, Hparam] = _Schema()
+
+
+class Validated(dict):
+    """Parameters `validate` returned: `cells` does not validate them again."""
 
 
 def _fail(key: str, value: Any, why: str) -> ParamError:
     return ParamError(f"parameter {key!r} = {value!r} is invalid: {why}")
 
 
-def _checked(key: str, value: Any, entry: Entry | None = None) -> Any:
-    """`value` of `key` after its type and range checks (YAML's string floats converted)."""
-    types, check, _ = entry or SCHEMA[key]
-    if float in types and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
-        if not (value is None and type(None) in types):
-            names = "/".join("null" if t is type(None) else t.__name__ for t in types)
-            raise _fail(key, value, f"expected {names}")
-    if check is not None and value is not None:
-        why = check(value)
-        if why:
-            raise _fail(key, value, why)
-    return value
+def _parsed(key: str, value: Any, knob: Hparam, nullable: bool = False, label: str | None = None) -> Any:
+    """`value` parsed by `knob` (null allowed where `nullable`), or a ParamError naming `label` or `key`."""
+    if value is None and (nullable or knob.default is None):
+        return None
+    try:
+        return knob.parse(value)
+    except ValueError as e:
+        raise _fail(label or key, value, str(e)) from None
 
 
-def validate(params: dict[str, Any]) -> dict[str, Any]:
-    """Check every key, type and range; returns the parameters with defaults filled in."""
+def validate(params: dict[str, Any]) -> Validated:
+    """Check every key, type and range (each method's keys by that method's own `Hparam`); returns the
+    parameters with defaults filled in."""
     if not isinstance(params, dict):
         raise ParamError(f"parameters must be a mapping of name: value, got {type(params).__name__}")
+    own = method_keys()
     for key in params:
-        if key not in SCHEMA:
-            near = difflib.get_close_matches(str(key), SCHEMA, n=1)
+        if key not in PROTOCOL_KEYS and key not in SHARED and key not in own:
+            known = sorted({*PROTOCOL_KEYS, *SHARED, *own})
+            near = difflib.get_close_matches(str(key), known, n=1)
             hint = f" Did you mean {near[0]!r}?" if near else ""
-            raise ParamError(f"unknown parameter {key!r} (= {params[key]!r}).{hint} Allowed: {sorted(SCHEMA)}")
+            raise ParamError(f"unknown parameter {key!r} (= {params[key]!r}).{hint} Allowed: {known}")
     out = {**defaults(), **params}
-    for key, value in list(out.items()):
-        out[key] = _checked(key, value)
-    settings = out["method_settings"] or {}
+    for key, knob in PROTOCOL_KEYS.items():
+        out[key] = _parsed(key, out[key], knob)
+    for key, knob in SHARED.items():
+        out[key] = _parsed(key, out[key], knob, nullable=True)
+    for key, names in own.items():  # a flat key applies to, and is checked by, every method of the grid declaring it
+        if key not in SHARED and out[key] is not None:
+            for name in (n for n in out["methods"] if n in names):
+                try:
+                    REGISTRY[name].hparams[key].parse(out[key])
+                except ValueError as e:
+                    raise _fail(key, out[key], f"{e} (a flat key: checked by method {name!r}, which declares it; "
+                                "set other values per method under method_settings)") from None
+    settings = dict(out["method_settings"] or {})
     for name, section in settings.items():
         if name not in REGISTRY:
             raise _fail("method_settings", name, f"unknown method; allowed: {list(REGISTRY)}")
         if not isinstance(section, dict):
             raise _fail(f"method_settings.{name}", section, "expected a mapping of key: value")
-        allowed = set(SHARED_KEYS) | set(REGISTRY[name].hparams)
+        knobs = {**SHARED, **REGISTRY[name].hparams}
         for key, value in section.items():
-            if key not in allowed:
+            if key not in knobs:
                 raise _fail(f"method_settings.{name}.{key}", value,
-                            f"not a setting of method {name!r}; allowed: {sorted(allowed)}")
-        settings[name] = {key: _checked(f"method_settings.{name}.{key}", value, SCHEMA[key])
-                          for key, value in section.items()}
+                            f"not a setting of method {name!r}; allowed: {sorted(knobs)}")
+        settings[name] = {key: _parsed(key, value, knobs[key], nullable=key in SHARED,
+                                       label=f"method_settings.{name}.{key}") for key, value in section.items()}
     out["method_settings"] = settings or None
     if out["protocol"] == "multi_source_dg":
         _check_multi_source(out)
-        _check_backbone(out["backbone"])
-        return out
+    else:
+        _check_transfer(out)
+    _check_backbone(out["backbone"])
+    return Validated(out)
+
+
+def _check_transfer(out: dict[str, Any]) -> None:
+    """The other protocols: known datasets and targets (at least one where the protocol transfers), no
+    held-out domains."""
     if out["held_out"]:
         raise _fail("held_out", out["held_out"], "only the multi_source_dg protocol holds domains out")
     if out["protocol"] != "base_to_novel" and not out["targets"]:
@@ -140,16 +180,12 @@ def validate(params: dict[str, Any]) -> dict[str, Any]:
                 raise _fail(key, name, f"unknown dataset; allowed: {sorted(known)}")
     if not out["datasets"]:
         raise _fail("datasets", out["datasets"], "name at least one dataset")
-    _check_backbone(out["backbone"])
-    return out
 
 
 def defaults() -> dict[str, Any]:
-    """Every key: the grid's defaults; null for training keys (each method's own default applies)."""
-    return {"protocol": "base_to_novel", "datasets": [], "methods": ["glad"], "seeds": [1], "targets": [],
-            "shots": 16, "backbone": "glad-mini", "pretrained": None, "data_root": None, "results_dir": "results",
-            "method_settings": None, "held_out": [], "target_part": "test",
-            **{k: None for k in (*SHARED_KEYS, *METHOD_KEYS)}}
+    """Every key: the protocol's defaults; null for the methods' keys (each method's own default applies)."""
+    protocol = {k: list(h.default) if isinstance(h.default, list) else h.default for k, h in PROTOCOL_KEYS.items()}
+    return {**protocol, **{k: None for k in (*SHARED, *method_keys())}}
 
 
 def domains_of(name: str) -> list[str]:
@@ -187,8 +223,8 @@ def _check_backbone(name: str) -> None:
         raise _fail("backbone", name, str(e)) from None
 
 
-def load(source: str | Path | dict[str, Any], **overrides: Any) -> dict[str, Any]:
-    """Read a YAML file (or take a mapping), apply overrides, validate."""
+def read(source: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """The mapping of a YAML file (or a copy of a mapping), not validated."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.exists():
@@ -201,33 +237,66 @@ def load(source: str | Path | dict[str, Any], **overrides: Any) -> dict[str, Any
         params = dict(source)
     if not isinstance(params, dict):
         raise ParamError(f"parameters must be a mapping of name: value, got {type(params).__name__}")
-    return validate({**params, **overrides})
+    return params
+
+
+def load(source: str | Path | dict[str, Any], **overrides: Any) -> Validated:
+    """Read a YAML file (or take a mapping), apply overrides, validate."""
+    return validate({**read(source), **overrides})
 
 
 def cells(params: dict[str, Any]) -> list[Cell]:
     """The grid datasets x methods x seeds as cells, in that order (multi_source_dg: datasets x held-out
-    domains x methods x seeds)."""
-    p = validate(params)
+    domains x methods x seeds). Parameters `validate` returned are not validated again."""
+    p = params if isinstance(params, Validated) else validate(params)
+    configs = {(m, s): train_config(p, m, s) for m in p["methods"] for s in p["seeds"]}
+    shared = dict(protocol=p["protocol"], shots=p["shots"], backbone=p["backbone"], pretrained=p["pretrained"],
+                  data_root=p["data_root"], results_dir=p["results_dir"])
     if p["protocol"] == "multi_source_dg":
-        return [Cell(protocol=p["protocol"], dataset=d, shots=p["shots"], backbone=p["backbone"],
-                     pretrained=p["pretrained"], targets=[h], data_root=p["data_root"], results_dir=p["results_dir"],
-                     target_part=p["target_part"], train=train_config(p, m, s))
+        return [Cell(dataset=d, targets=[h], target_part=p["target_part"], train=configs[m, s], **shared)
                 for d in p["datasets"] for h in (p["held_out"] or domains_of(d)) for m in p["methods"]
                 for s in p["seeds"]]
-    return [Cell(protocol=p["protocol"], dataset=d, shots=p["shots"], backbone=p["backbone"],
-                 pretrained=p["pretrained"], targets=list(p["targets"]), data_root=p["data_root"],
-                 results_dir=p["results_dir"], train=train_config(p, m, s))
+    return [Cell(dataset=d, targets=list(p["targets"]), train=configs[m, s], **shared)
             for d in p["datasets"] for m in p["methods"] for s in p["seeds"]]
 
 
 def train_config(p: dict[str, Any], method: str, seed: int) -> TrainConfig:
-    """The config of `method` in validated parameters `p`: flat keys, then its own section over them."""
-    flat = {k: v for k, v in p.items() if k in SHARED_KEYS or k in REGISTRY[method].hparams}
+    """The config of `method` in validated parameters `p`: its defaults, the flat keys it reads or declares,
+    then its own `method_settings` section over them."""
+    own = REGISTRY[method].hparams
+    flat = {k: v for k, v in p.items() if k in SHARED or k in own}
     merged = {k: v for k, v in {**flat, **(p["method_settings"] or {}).get(method, {})}.items() if v is not None}
     try:
         return TrainConfig.from_params(merged, method=method, seed=seed)
     except ValueError as e:
         raise ParamError(str(e)) from None
+
+
+SOURCES = ("method default", "file", "method_settings", "command line")
+
+
+def explain(source: str | Path | dict[str, Any], overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Per method of the grid: every resolved value it reads (`TrainConfig.to_dict`: the shared knobs it
+    reads and its own hyper-parameters) and where each came from (one of `SOURCES`: a method_settings
+    given on the command line counts as the command line)."""
+    overrides = overrides or {}
+    raw = read(source)
+    p = validate({**raw, **overrides})
+    out = []
+    for method in p["methods"]:
+        cfg = train_config(p, method, p["seeds"][0]).to_dict()
+        section = (p["method_settings"] or {}).get(method, {})
+
+        def where(key: str) -> str:
+            if key in section:
+                return "command line" if "method_settings" in overrides else "method_settings"
+            if p.get(key) is not None:
+                return "command line" if key in overrides else "file"
+            return "method default"
+        values = {k: v for k, v in cfg.items() if k not in ("method", "seed")}
+        out.append({"method": method, "params": json.loads(json.dumps(values, default=str)),
+                    "sources": {k: where(k) for k in values}})
+    return out
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -243,7 +312,14 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         except StopIteration:
             raise ParamError(f"parameter {key!r} has no value") from None
         value = yaml.safe_load(raw)
-        if key in SCHEMA and list in SCHEMA[key][0] and not isinstance(value, list):
+        if _takes_list(key) and not isinstance(value, list):
             value = [yaml.safe_load(x) for x in str(raw).split(",") if x.strip()]
         out[key] = value
     return out
+
+
+def _takes_list(key: str) -> bool:
+    """Whether a key holds a list (in any method declaring it): `--key a,b,c` is then split."""
+    declared = [PROTOCOL_KEYS.get(key) or SHARED.get(key),
+                *(REGISTRY[n].hparams[key] for n in method_keys().get(key, []))]
+    return any(h is not None and list in h.accepted() for h in declared)

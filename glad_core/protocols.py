@@ -30,9 +30,10 @@ import torch
 from . import __version__
 from .data import Splits
 from .io import write_json
-from .methods import build, load_trained, save_trained
+from .methods import Method, build, load_trained, save_trained
+from .methods.base import NOT_IDENTITY
 from .results import harmonic_mean
-from .train import TrainConfig, evaluate, resolve_device, set_seed
+from .train import TrainConfig, evaluate, image_features, resolve_device, set_seed
 
 PROTOCOLS = ("base_to_novel", "cross_dataset", "domain_generalization", "multi_source_dg")
 TARGET_PARTS = ("test", "all")  # multi_source_dg: the held-out domain's test part, or all its images
@@ -77,16 +78,22 @@ class Cell:
         return (Path(self.results_dir) / self.protocol / self.dataset / _slug(self.backbone) / self.train.method
                 / f"{self.name}.json")
 
-    def params(self) -> dict[str, Any]:
+    def _protocol_params(self) -> dict[str, Any]:
         extra = {"target_part": self.target_part} if self.protocol == "multi_source_dg" else {}
         return {"protocol": self.protocol, "dataset": self.dataset, "targets": self.targets, "shots": self.shots,
-                "backbone": self.backbone, "pretrained": self.pretrained, "data_root": self.data_root, **extra,
-                **self.train.to_dict()}
+                "backbone": self.backbone, "pretrained": self.pretrained, "data_root": self.data_root, **extra}
+
+    def params(self) -> dict[str, Any]:
+        """The protocol's parameters and what the method reads (`TrainConfig.to_dict`)."""
+        return {**self._protocol_params(), **self.train.to_dict()}
 
     def identity(self) -> dict[str, Any]:
-        """The parameters that change the record's numbers (not where data lives, nor device or batching
-        of evaluation): a changed value trains anew, an unchanged one reuses the record."""
-        return {k: v for k, v in self.params().items() if k not in NOT_IDENTITY}
+        """The parameters that change the record's numbers: the protocol's (not where data lives) and what
+        the method reads that changes them (`TrainConfig.identity`: not the device, nor the batching of
+        evaluation unless its predictions depend on it). A changed value trains anew, an unchanged one
+        reuses the record; a knob the method does not read changes nothing."""
+        return {**{k: v for k, v in self._protocol_params().items() if k not in NOT_IDENTITY},
+                **self.train.identity()}
 
     def adapter_path(self) -> Path:
         """Where the trained state goes; transfer protocols key it by everything training depends on, so
@@ -97,10 +104,6 @@ class Cell:
         training = {k: v for k, v in self.identity().items() if k not in ("protocol", "targets")}
         return (Path(self.results_dir) / "adapters" / self.dataset / _slug(self.backbone) / self.train.method
                 / f"shots{self.shots}_seed{self.train.seed}_{_digest(training)}.safetensors")
-
-
-#: Parameters that do not change a cell's numbers.
-NOT_IDENTITY = ("data_root", "device", "num_workers", "eval_batch_size")
 
 
 def _digest(params: dict[str, Any]) -> str:
@@ -140,6 +143,19 @@ def _load(name: str, cell: Cell) -> Splits:
     return load_dataset(name, cell.data_root)
 
 
+def method_section(method: Method, tests: dict[str, list], transform) -> dict[str, Any]:
+    """The record's `method` section: its `record_info()` as `info`, and its `extra_metrics` of each test
+    split as `metrics` (one more encoding pass per split, only for a method that has extra metrics)."""
+    hook, metrics = method.extra_metrics(), {}
+    if hook is not None:
+        cfg = method.cfg
+        with method.inference():
+            for key, items in tests.items():
+                f, y = image_features(method, items, transform, cfg.eval_batch_size, cfg.num_workers, progress=False)
+                metrics[key] = hook(f, y)
+    return {"info": method.record_info(), "metrics": metrics}
+
+
 def run_cell(cell: Cell, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Train and evaluate one cell; write and return its record. An existing record is returned as is."""
     from .datasets import fewshot, subsample_classes
@@ -169,7 +185,7 @@ def run_cell(cell: Cell, progress: bool = True, overwrite: bool = False) -> dict
     elif method.trainable():
         adapter.parent.mkdir(parents=True, exist_ok=True)
         history = method.fit(train_split.train, train_split.classnames, train_split.templates,
-                            checkpoint=checkpoint, progress=progress)
+                             checkpoint=checkpoint, progress=progress)
         save_trained(method, adapter, metadata={"backbone": cell.backbone})
         checkpoint.unlink(missing_ok=True)
     else:
@@ -187,6 +203,7 @@ def run_cell(cell: Cell, progress: bool = True, overwrite: bool = False) -> dict
         r = evaluate(method, split.test, split.classnames, split.templates, preprocess, progress=progress,
                      desc=f"eval {key}")
         metrics[key], per_class[key], sizes[key] = r["acc"], r["per_class"], r["n"]
+    section = method_section(method, {key: split.test for key, split in evals.items()}, preprocess)
     if cell.protocol == "base_to_novel":
         metrics["hm"] = harmonic_mean(metrics["base"], metrics["novel"])
     else:
@@ -196,13 +213,14 @@ def run_cell(cell: Cell, progress: bool = True, overwrite: bool = False) -> dict
         "cell": {"protocol": cell.protocol, "dataset": cell.dataset, "method": cfg.method, "seed": cfg.seed,
                  "shots": cell.shots, "backbone": cell.backbone},
         "params": cell.params(),
+        "identity": cell.identity(),
         "metrics": metrics,
         "per_class": per_class,
         "test_sizes": sizes,
+        "method": section,
         "train": {"classes": train_split.num_classes, "images": len(train_split.train),
                   "history": history.history if history else [], "steps": history.steps if history else 0,
                   "seconds": history.seconds if history else 0.0, "reused_adapter": reused},
-        **method.record_info(),  # e.g. MuGCP's description provider (kind, name, oracle switch)
         "timings": {"train_s": t_train, "eval_s": time.perf_counter() - t_start - t_train,
                     "total_s": time.perf_counter() - t_start},
         **environment(),
@@ -216,12 +234,12 @@ def run_cell(cell: Cell, progress: bool = True, overwrite: bool = False) -> dict
 
 def run_multi_source_cell(cell: Cell, progress: bool = True) -> dict[str, Any]:
     """Leave-one-domain-out: few-shot pools of every other domain (train, and val for methods that take
-    it), the held-out domain tested; writes and returns the record. GuiDG's methods add `guidance`:
-    accuracy with batch-averaged and per-image attention, each expert's accuracy, the mean weights."""
+    it), the held-out domain tested; writes and returns the record (GuiDG's guided methods add their
+    guidance to `method.metrics`: accuracy with batch-averaged and per-image attention, each expert's
+    accuracy, the mean weights)."""
     from .datasets import DatasetError
     from .domains import fewshot_pools, load_domains
     from .models import load_backbone
-    from .train import image_features
 
     t_start = time.perf_counter()
     cfg, held = cell.train, cell.targets[0]
@@ -241,27 +259,21 @@ def run_multi_source_cell(cell: Cell, progress: bool = True) -> dict[str, Any]:
     adapter = cell.adapter_path()
     history = None
     if method.trainable():
-        extra = {"val_items": val_items} if getattr(method, "uses_val_pool", False) else {}
-        history = method.fit(train_items, md.classnames, md.templates, progress=progress, **extra)
+        history = method.fit(train_items, md.classnames, md.templates, val_items=val_items, progress=progress)
         adapter.parent.mkdir(parents=True, exist_ok=True)
         save_trained(method, adapter, metadata={"backbone": cell.backbone})
     t_train = time.perf_counter() - t_start
 
     r = evaluate(method, target.test, md.classnames, md.templates, preprocess, progress=progress, desc=f"eval {held}")
-    guidance = {}
-    if getattr(method, "has_experts", False):  # one more encoding pass, for the guided methods only
-        with method.inference():
-            f, y = image_features(method, target.test, preprocess, cfg.eval_batch_size, cfg.num_workers, progress=False)
-            guidance = method.guidance_metrics(f, y)
     record = {
         "cell": {"protocol": cell.protocol, "dataset": cell.dataset, "method": cfg.method, "seed": cfg.seed,
                  "shots": cell.shots, "backbone": cell.backbone},
         "params": cell.params(),
+        "identity": cell.identity(),
         "metrics": {held: r["acc"]},
         "per_class": {held: r["per_class"]},
         "test_sizes": {held: r["n"]},
-        "guidance": guidance,
-        **method.record_info(),
+        "method": method_section(method, {held: target.test}, preprocess),
         "train": {"sources": list(sources), "classes": len(md.classnames), "images": len(train_items),
                   "val_images": len(val_items), "history": history.history if history else [],
                   "steps": history.steps if history else 0, "seconds": history.seconds if history else 0.0},

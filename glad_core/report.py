@@ -28,7 +28,7 @@ from .protocols import PAPER_TARGETS, Cell, run_cell
 from .published import DATASETS as PAPER_DATASETS
 from .published import published
 from .results import CELL_KEYS, collect, harmonic_mean, summarize
-from .methods import REGISTRY, ablation_rows
+from .methods import REGISTRY, ablation_rows, table_order
 from .models import PAPER_BACKBONE
 
 PAPER_SHOTS, PAPER_SOURCE = 16, "imagenet"
@@ -88,11 +88,17 @@ def figure_path(cells: Sequence[Cell], name: str) -> Path:
 # ----------------------------------------------------------------------------- tables
 
 
-def _published_long(table: str) -> pd.DataFrame:
-    """A published table as rows (method in our names, dataset, split, published)."""
+def _published_ours(table: str) -> pd.DataFrame:
+    """A published table's rows of the methods registered with its name (`MethodInfo.published`), under
+    our names."""
     pub = published(table)
     ours = {i.published: i.name for i in REGISTRY.values() if i.published}
-    pub = pub[pub["method"].isin(ours)].assign(method=lambda d: d["method"].map(ours))
+    return pub[pub["method"].isin(ours)].assign(method=lambda d: d["method"].map(ours))
+
+
+def _published_long(table: str) -> pd.DataFrame:
+    """A published table as rows (method in our names, dataset, split, published)."""
+    pub = _published_ours(table)
     if table == "base_to_novel":
         return pub.melt(id_vars=["method", "dataset"], value_vars=list(B2N_SPLITS), var_name="split",
                         value_name="published")
@@ -101,10 +107,12 @@ def _published_long(table: str) -> pd.DataFrame:
 
 
 def _ordered(t: pd.DataFrame) -> pd.DataFrame:
-    """Rows by dataset (first appearance, 'average' last), then method in the order of the registry."""
+    """Rows by dataset (first appearance, 'average' last), then method in table order (`MethodInfo.order`;
+    methods not registered here last)."""
     datasets = {d: i for i, d in enumerate(dict.fromkeys(t["dataset"]))}
-    rank = t["dataset"].map(lambda d: len(datasets) if d == AVERAGE else datasets[d]) * len(REGISTRY) \
-        + t["method"].map(lambda m: list(REGISTRY).index(m))
+    order = {m: i for i, m in enumerate(table_order())}
+    rank = t["dataset"].map(lambda d: len(datasets) if d == AVERAGE else datasets[d]) * (len(order) + 1) \
+        + t["method"].map(lambda m: order.get(m, len(order)))
     return t.iloc[rank.argsort(kind="stable")].reset_index(drop=True)
 
 
@@ -216,7 +224,7 @@ def multi_source_comparison(df: pd.DataFrame) -> pd.DataFrame:
     df = df[df["protocol"] == "multi_source_dg"]
     t = summarize(pd.concat([df, _average_over_domains(df)], ignore_index=True))
     t = _ordered(t.iloc[_domain_rank(t["dataset"], t["split"]).argsort(kind="stable")])
-    pub = published("multi_source_dg").rename(columns={"domain": "split", "acc": "published"})
+    pub = _published_ours("multi_source_dg").rename(columns={"domain": "split", "acc": "published"})
     return _with_published(t, pub[["method", "dataset", "split", "published"]], ["method", "dataset", "split"],
                            pd.Series(True, index=t.index))[_COLUMNS]
 

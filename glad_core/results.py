@@ -7,10 +7,10 @@ from typing import Iterator
 
 import pandas as pd
 
+from .methods.base import NOT_IDENTITY
+
 CELL_KEYS = ["protocol", "dataset", "method", "descriptions", "backbone", "shots", "setting", "seed"]
-#: Record parameters that neither name the cell nor change its numbers (see protocols.NOT_IDENTITY).
-_NOT_SETTING = {"protocol", "dataset", "method", "backbone", "shots", "seed", "data_root", "device",
-                "num_workers", "eval_batch_size"}
+_NAMING = ("protocol", "dataset", "method", "backbone", "shots", "seed")  # the cell's name, not a setting
 
 
 def harmonic_mean(base: float, novel: float) -> float:
@@ -40,7 +40,8 @@ def collect(results_dir: str | Path = "results") -> pd.DataFrame:
         setting = ", ".join(f"{k}={json.loads(mine[k]) if k in mine else None}" for k in differing)
         for split, acc in rec["metrics"].items():
             rows.append({**{k: rec["cell"][k] for k in CELL_KEYS if k not in ("setting", "descriptions")},
-                         "descriptions": (rec.get("descriptions") or {}).get("kind", ""), "setting": setting,
+                         "descriptions": (record_info(rec).get("descriptions") or {}).get("kind", ""),
+                         "setting": setting,
                          "split": split, "acc": acc, "record": str(path)})
     return pd.DataFrame(rows, columns=CELL_KEYS + ["split", "acc", "record"])
 
@@ -61,10 +62,19 @@ def _group(rec: dict) -> tuple:
 
 
 def _variant(rec: dict) -> dict:
-    """The record's parameters that may set it apart (a leave-one-domain-out record's held-out domain is its
-    split, not a setting)."""
-    skip = _NOT_SETTING | ({"targets"} if rec["cell"]["protocol"] == "multi_source_dg" else set())
-    return {k: json.dumps(v, default=str) for k, v in rec.get("params", {}).items() if k not in skip}
+    """The record's identity (`Cell.identity`: what changes its numbers) less what names the cell: the
+    parameters that may set it apart (a leave-one-domain-out record's held-out domain is its split, not a
+    setting)."""
+    skip = {*_NAMING, *(("targets",) if rec["cell"]["protocol"] == "multi_source_dg" else ())}
+    identity = rec.get("identity")
+    if identity is None:  # a record written before identities were stored: its parameters that may matter
+        identity = {k: v for k, v in rec.get("params", {}).items() if k not in NOT_IDENTITY}
+    return {k: json.dumps(v, default=str) for k, v in identity.items() if k not in skip}
+
+
+def record_info(rec: dict) -> dict:
+    """The record's facts from its method (`Method.record_info`: MuGCP's description provider, ...)."""
+    return (rec.get("method") or {}).get("info") or {}
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
@@ -77,17 +87,19 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def guidance(results_dir: str | Path = "results") -> pd.DataFrame:
-    """The guided methods' leave-one-domain-out records (GuiDG) as rows, one per record and source expert:
+    """The guided methods' leave-one-domain-out records (GuiDG; their `method.metrics` of the held-out domain)
+    as rows, one per record and source expert:
     cell keys, `held_out`, `expert`, the expert's own accuracy on the held-out domain (`expert_acc`), its mean
     attention weight (`weight`), and the record's accuracy with batch-averaged and per-image weights."""
     rows = []
     for path, rec in _records(results_dir):
-        g = rec.get("guidance")
-        if not g:
+        held = next(iter(rec["metrics"]))
+        g = ((rec.get("method") or {}).get("metrics") or {}).get(held)
+        if rec["cell"]["protocol"] != "multi_source_dg" or not g or "experts" not in g:
             continue
         cell = {k: rec["cell"][k] for k in ("dataset", "method", "backbone", "shots", "seed")}
         for expert, acc in g["experts"].items():
-            rows.append({**cell, "held_out": next(iter(rec["metrics"])), "expert": expert, "expert_acc": acc,
+            rows.append({**cell, "held_out": held, "expert": expert, "expert_acc": acc,
                          "weight": g["mean_weights"][expert], "acc_batch": g["acc_batch"],
                          "acc_image": g["acc_image"], "record": str(path)})
     return pd.DataFrame(rows, columns=["dataset", "method", "backbone", "shots", "seed", "held_out", "expert",

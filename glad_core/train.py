@@ -26,32 +26,14 @@ from .data import Datum, ImageDataset
 from .gradreg import GradRegStep
 from .io import atomic_path
 from .methods import Method
-from .methods.base import check_hparams, method_info
-
-
-# Shared knobs: the value a method gets when neither it (`Method.defaults`) nor the caller sets one.
-DEFAULTS: dict[str, Any] = {
-    "epochs": 20,
-    "batch_size": 32,
-    "lr": 1e-3,
-    "weight_decay": 0.01,
-    "kl_weight": 0.0,         # λ of the KL term to the zero-shot model; 0 = cross-entropy only
-    "rho": 0.1,
-    "alpha": 0.5,
-    "delta": 1e-12,
-    "aug_scale_min": 0.5,     # RandomResizedCrop scale range (aug_scale_min, 1)
-    "aug_flip": False,        # random horizontal flip of training images
-    "device": "auto",         # "auto" = cuda if available, else cpu
-    "precision": "auto",      # "auto" = bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
-    "num_workers": 0,
-    "eval_batch_size": 64,
-}
+from .methods.base import NOT_IDENTITY, SHARED, check_hparams, method_info
 
 
 @dataclass
 class TrainConfig:
-    """Every knob of a run: the shared ones (None = the method's default, else `DEFAULTS`) and the
-    method's own hyper-parameters (`hparams`, declared in its file; defaults filled in)."""
+    """Every knob of a run: the shared ones (`SHARED`; None = the method's registered default, else the
+    shared default) and the method's own hyper-parameters (`hparams`, declared in its file; defaults filled
+    in). Every value is checked by its `Hparam` on construction (a bad one raises ValueError naming it)."""
 
     method: str = "glad"
     seed: int = 1
@@ -73,9 +55,18 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         info = method_info(self.method)
-        for key, default in DEFAULTS.items():
-            if getattr(self, key) is None:
-                setattr(self, key, info.defaults.get(key, default))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed = {self.seed!r} of method {self.method!r} is invalid: must be an int >= 0")
+        for key, knob in SHARED.items():
+            value = getattr(self, key)
+            if value is None:
+                setattr(self, key, info.knob_default(key))
+                continue
+            try:
+                setattr(self, key, knob.parse(value))
+            except ValueError as e:
+                raise ValueError(f"training parameter {key!r} = {value!r} of method {self.method!r} is invalid: "
+                                 f"{e}") from None
         self.hparams = check_hparams(self.method, self.hparams)
 
     @classmethod
@@ -83,17 +74,36 @@ class TrainConfig:
         """From a flat mapping (a record's or parameter file's): shared keys, and the keys the method declares."""
         p = {**params, **fixed}
         own = method_info(p["method"]).hparams
-        return cls(**{k: p[k] for k in ("method", "seed", *DEFAULTS) if p.get(k) is not None},
-                   hparams={k: (tuple(p[k]) if isinstance(p[k], list) else p[k]) for k in own if k in p})
+        return cls(**{k: p[k] for k in ("method", "seed", *SHARED) if p.get(k) is not None},
+                   hparams={k: p[k] for k in own if k in p})
+
+    def knobs(self) -> tuple[str, ...]:
+        """The shared knobs its method reads with these hyper-parameters (`Method.knobs`)."""
+        return method_info(self.method).cls.knobs(self.hparams)
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat: method, seed, the shared knobs, then the method's own hyper-parameters."""
-        out = asdict(self)
-        return {**{k: v for k, v in out.items() if k != "hparams"}, **out["hparams"]}
+        """Flat: method, seed, the shared knobs the method reads, then its own hyper-parameters."""
+        return {"method": self.method, "seed": self.seed, **{k: getattr(self, k) for k in self.knobs()},
+                **self.hparams}
+
+    def identity(self) -> dict[str, Any]:
+        """`to_dict` without the knobs that do not change the method's numbers (`NOT_IDENTITY`; the
+        evaluation batch size stays for a method whose predictions depend on it)."""
+        keep = {"eval_batch_size"} if method_info(self.method).cls.batch_dependent(self.hparams) else set()
+        return {k: v for k, v in self.to_dict().items() if k not in NOT_IDENTITY or k in keep}
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss."""
+
+
+def check_finite(loss: torch.Tensor, cfg: TrainConfig, epoch: int, checkpoint: str | Path | None = None) -> None:
+    """Raise `NonFiniteLossError` (with the fix) when `loss` is NaN or infinite, at 0-based `epoch`."""
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(
+            f"non-finite loss ({loss.item()}) at epoch {epoch + 1} of {cfg.method}; lower lr "
+            f"(now {cfg.lr}) or use precision='fp32'. The last good checkpoint is kept"
+            + (f" at {checkpoint}." if checkpoint else "."))
 
 
 def set_seed(seed: int) -> None:
@@ -246,11 +256,7 @@ def train(method: Method, items: Sequence[Datum], classnames: Sequence[str], tem
             images, labels = images.to(device), labels.to(device)
             first_logits: list[torch.Tensor] = []
             loss = step(images, labels, first_logits)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"non-finite loss ({loss.item()}) at epoch {epoch + 1} of {cfg.method}; lower lr "
-                    f"(now {cfg.lr}) or use precision='fp32'. The last good checkpoint is kept"
-                    + (f" at {checkpoint}." if checkpoint else "."))
+            check_finite(loss, cfg, epoch, checkpoint)
             scheduler.step()
             loss_sum += loss.item() * len(labels)
             correct += (first_logits[0].argmax(-1) == labels).sum().item()

@@ -250,7 +250,8 @@ def test_leave_one_domain_out_on_mini_pacs(tmp_path):
         assert held not in rec["train"]["sources"] and len(rec["train"]["sources"]) == 3
         assert set(rec["metrics"]) == {held} and 0 <= rec["metrics"][held] <= 1
     guided = [r for r in records if r["cell"]["method"] == "guidg"]
-    assert guided and set(guided[0]["guidance"]["experts"]) == set(guided[0]["train"]["sources"])
+    held = guided[0]["params"]["targets"][0] if guided else None
+    assert guided and set(guided[0]["method"]["metrics"][held]["experts"]) == set(guided[0]["train"]["sources"])
     table = multi_source_comparison(collect(tmp_path))
     assert isinstance(table, pd.DataFrame) and set(table["split"]) == {"sketch"}  # one domain held out: no average
     assert table["mean"].tolist() == pytest.approx([100 * r["metrics"]["sketch"] for r in records])
@@ -310,11 +311,12 @@ def test_guidance_table_and_heatmap(tmp_path):
     for seed, w in ((1, (0.5, 0.3, 0.2)), (2, (0.3, 0.3, 0.4))):  # two records of clip art held out
         rec = {"cell": {"protocol": "multi_source_dg", "dataset": "mini_pacs", "method": "clipood+guidg", "seed": seed,
                         "shots": 1, "backbone": "glad-mini"}, "params": {}, "metrics": {"clip_art": 0.5},
-               "guidance": {"acc_batch": 0.5, "acc_image": 0.4 + seed / 10,
-                            "experts": {"photo": 0.6, "cartoon": 0.2 * seed, "sketch": 0.1},
-                            "mean_weights": dict(zip(("photo", "cartoon", "sketch"), w))}}
+               "method": {"info": {}, "metrics": {"clip_art": {
+                   "acc_batch": 0.5, "acc_image": 0.4 + seed / 10,
+                   "experts": {"photo": 0.6, "cartoon": 0.2 * seed, "sketch": 0.1},
+                   "mean_weights": dict(zip(("photo", "cartoon", "sketch"), w))}}}}
         (tmp_path / f"r{seed}.json").write_text(json.dumps(rec))
-    (tmp_path / "zeroshot.json").write_text(json.dumps({**rec, "guidance": {}}))  # no guidance: no rows
+    (tmp_path / "zeroshot.json").write_text(json.dumps({**rec, "method": {"info": {}, "metrics": {}}}))  # no rows
     g = results.guidance(tmp_path)
     assert len(g) == 6 and set(g["held_out"]) == {"clip_art"}
     t = guidance_table(g).loc[("mini_pacs", "clipood+guidg", "clip_art")]
@@ -335,12 +337,12 @@ def test_held_out_domain_is_a_split_not_a_setting(tmp_path):
     for held in ("photo", "sketch"):
         rec = {"cell": {"protocol": "multi_source_dg", "dataset": "mini_pacs", "method": "zeroshot", "seed": 1,
                         "shots": 1, "backbone": "glad-mini"},
-               "params": {"targets": [held], "lr": 0.001}, "metrics": {held: 0.5}}
+               "identity": {"targets": [held], "precision": "fp32"}, "metrics": {held: 0.5}}
         (tmp_path / f"{held}.json").write_text(json.dumps(rec))
     assert set(collect(tmp_path)["setting"]) == {""}
-    rec["params"]["lr"] = 0.002  # another value of a parameter is another setting
+    rec["identity"]["precision"] = "bf16"  # another value of a parameter is another setting
     (tmp_path / "sketch.json").write_text(json.dumps(rec))
-    assert set(collect(tmp_path)["setting"]) == {"lr=0.001", "lr=0.002"}
+    assert set(collect(tmp_path)["setting"]) == {"precision=fp32", "precision=bf16"}
 
 
 def test_batch_runs_a_notebook_per_held_out_domain(tmp_path):

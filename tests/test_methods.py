@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glad_core.methods import REGISTRY, Method, ablation_rows, build, load_trained, register, save_trained
-from glad_core.methods.base import Hparam
+from glad_core.methods.base import Hparam, switched_off
 from glad_core.train import TrainConfig, evaluate, train
 from glad_core.checks import in_range
 from glad_core.lora import lora_disabled
@@ -136,11 +137,8 @@ class ClassBias(Method):
 
     @contextmanager
     def zero_shot(self):
-        self._on = False
-        try:
+        with switched_off(self, "_on"):
             yield
-        finally:
-            self._on = True
 
 
 def test_a_new_method_is_one_class_and_runs_through_the_shared_loop(tiny_clip, tmp_path):
@@ -164,6 +162,82 @@ def test_a_new_method_is_one_class_and_runs_through_the_shared_loop(tiny_clip, t
         assert set(method.trained_state()) == {"shift"}
     finally:
         REGISTRY.pop("class-bias")
+
+
+def _items(tmp_path, shots: int = 4) -> list:
+    """`shots` solid-colour 32 x 32 images per class of CLASSES."""
+    from PIL import Image
+
+    from glad_core.data import Datum
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    items = []
+    for label, rgb in enumerate([(220, 30, 30), (30, 200, 40), (30, 40, 220)]):
+        for i in range(shots):
+            path = tmp_path / f"{label}_{i}.png"
+            Image.new("RGB", (32, 32), tuple(max(0, c - 20 * i) for c in rgb)).save(path)
+            items.append(Datum(str(path), label, CLASSES[label]))
+    return items
+
+
+def test_train_config_checks_every_shared_knob():
+    """The shared knobs are `Hparam`s too: a bad value is an error naming the knob, the value and the rule."""
+    with pytest.raises(ValueError, match=r"'lr' = -3 of method 'glad' is invalid: must be in \(0, inf\]"):
+        TrainConfig(alpha=5, rho=-1, lr=-3)
+    with pytest.raises(ValueError, match=r"'alpha' = 5 of method 'glad' is invalid: must be in \[0, 1\]"):
+        TrainConfig(alpha=5)
+    with pytest.raises(ValueError, match=r"'rho' = -1 of method 'coop' is invalid"):
+        TrainConfig(method="coop", rho=-1)
+    with pytest.raises(ValueError, match=r"'epochs' = 2.5 .* expected int"):
+        TrainConfig(epochs=2.5)
+    with pytest.raises(ValueError, match=r"'aug_flip' = 1 .* expected bool"):
+        TrainConfig(aug_flip=1)
+    assert TrainConfig(lr="2e-3").lr == 0.002  # YAML 1.1's string floats are numbers
+
+
+class Plugin(ClassBias):
+    """A plug-in from outside the package, whose `heads` differs from GuiDG's (an int there)."""
+
+    hparams = {**ClassBias.hparams,
+               "heads": Hparam("auto", "'auto' or a number", lambda v: None if v == "auto" or (
+                   isinstance(v, int) and v > 0) else "'auto' or an int > 0", types=(int, str))}
+
+
+def test_a_plugin_registered_after_params_validates_and_runs(tiny_clip, tmp_path):
+    """Registered after glad_core.params is imported: its keys validate by its own Hparam, through flat keys
+    and method_settings, and a cell of it trains through `fit`."""
+    from glad_core import params as P
+
+    register("plugin", defaults={"epochs": 2, "batch_size": 4})(Plugin)
+    try:
+        base = {"datasets": ["tuxpaint"], "methods": ["plugin", "guidg"]}
+        plugin, guidg = (c.train for c in P.cells({**base, "heads": 2}))  # a flat key: both declare it
+        assert plugin.hparams["heads"] == 2 and guidg.hparams["heads"] == 2
+        plugin, guidg = (c.train for c in P.cells({**base, "method_settings": {"plugin": {"heads": "auto"}}}))
+        assert plugin.hparams["heads"] == "auto" and guidg.hparams["heads"] == 4  # its own type, not GuiDG's
+        with pytest.raises(P.ParamError, match=r"'heads' = 'auto' .*checked by method 'guidg'"):
+            P.validate({**base, "heads": "auto"})  # a flat key applies to every method declaring it
+        with pytest.raises(P.ParamError, match=r"'method_settings.plugin.shift_scale' = -1 is invalid"):
+            P.validate({**base, "method_settings": {"plugin": {"shift_scale": -1}}})
+        with pytest.raises(P.ParamError, match=r"method_settings.plugin.rank.*not a setting of method 'plugin'"):
+            P.validate({**base, "method_settings": {"plugin": {"rank": 2}}})
+        (cell,) = P.cells({"datasets": ["tuxpaint"], "methods": ["plugin"], "shift_scale": 0.5, "device": "cpu"})
+        assert (cell.train.epochs, cell.train.batch_size, cell.train.lr, cell.train.hparams) == (
+            2, 4, 0.05, {"shift_scale": 0.5, "heads": "auto"})
+        clip, _, tok = tiny_clip
+        method = build(clip, tok, cell.train)
+        res = method.fit(_items(tmp_path), CLASSES, TEMPLATES, progress=False)
+        assert res.steps == 2 * 3 and method.shift.abs().sum() > 0
+    finally:
+        REGISTRY.pop("plugin")
+
+
+def test_register_checks_the_defaults_it_is_given():
+    with pytest.raises(ValueError, match=r"register\('x'\): default 'rank' is neither a shared knob"):
+        register("x", defaults={"rank": 2})(ClassBias)
+    with pytest.raises(ValueError, match=r"register\('x'\): default 'lr' = 0 is invalid"):
+        register("x", defaults={"lr": 0})(ClassBias)
+    assert "x" not in REGISTRY
 
 
 def test_kl_weight_is_a_per_method_default():
@@ -265,10 +339,11 @@ def test_report_shows_the_description_provider_beside_each_number(tmp_path):
     def record(dataset, method, base, novel, provider=None, **params):
         rec = {"cell": {"protocol": "base_to_novel", "dataset": dataset, "method": method, "seed": 1, "shots": 4,
                         "backbone": "glad-mini"},
-               "params": {"protocol": "base_to_novel", "dataset": dataset, "method": method, **params},
+               "identity": {"protocol": "base_to_novel", "dataset": dataset, "method": method, **params},
                "metrics": {"base": base, "novel": novel, "hm": 2 * base * novel / (base + novel)}}
         if method == "mugcp":
-            rec["descriptions"] = provider and {"kind": provider, "oracle": provider == "oracle"}
+            rec["method"] = {"info": {"descriptions": provider and {"kind": provider, "oracle": provider == "oracle"}},
+                             "metrics": {}}
         path = tmp_path / dataset / method / f"{abs(hash(json.dumps(params, sort_keys=True)))}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(rec))
@@ -294,3 +369,69 @@ def test_report_shows_the_description_provider_beside_each_number(tmp_path):
     assert methods[:2] == ["glad", "cocoop"] and set(methods[2:]) == {"mugcp (oracle)", "mugcp (retrieval)", "mugcp"}
     rows = shown.xs("tuxpaint", level="dataset")
     assert rows.xs("mugcp (oracle)", level="method")[("base", "ours")].tolist() == ["90.00"]
+
+
+PAPER_FILES = sorted((Path(__file__).resolve().parents[1] / "params").glob("*.yaml"))
+BASELINE_RECIPES = {  # docs/recipes.md: what each baseline's public code runs (ViT-B/16, base-to-novel)
+    "coop": {"lr": 0.002, "epochs": 200, "batch_size": 32, "weight_decay": 5e-4},
+    "cocoop": {"lr": 0.002, "epochs": 10, "batch_size": 1, "weight_decay": 5e-4},
+    "kgcoop": {"lr": 0.002, "epochs": 100, "batch_size": 128, "weight_decay": 5e-4, "kg_weight": 8.0},
+    "clip_lora": {"lr": 2e-4, "batch_size": 32, "weight_decay": 1e-2, "rank": 2, "iterations_per_shot": 500},
+}
+
+
+@pytest.mark.parametrize("path", PAPER_FILES, ids=lambda p: p.name)
+def test_paper_files_resolve_every_method_with_a_published_recipe_to_it(path):
+    """Added to any paper file's grid, a method with a published recipe gets exactly its registered defaults
+    (no flat key of the file reaches it), and GLAD gets the paper's values."""
+    from glad_core import params as P
+
+    recipes = [n for n, i in REGISTRY.items() if i.recipe]
+    assert set(BASELINE_RECIPES) <= set(recipes) and {"erm_wf", "guidg", "clipood+guidg"} <= set(recipes)
+    p = P.load(path, methods=[*recipes, "glad"], data_root="/data")
+    for name in recipes:
+        cfg = P.train_config(p, name, 1)
+        assert cfg == TrainConfig(method=name, seed=1), name
+        got = {**cfg.to_dict(), **cfg.hparams}
+        assert {k: got[k] for k in BASELINE_RECIPES.get(name, {})} == BASELINE_RECIPES.get(name, {}), name
+    glad = P.train_config(p, "glad", 1)
+    assert (glad.epochs, glad.lr, glad.batch_size, glad.rho, glad.alpha, glad.aug_scale_min, glad.aug_flip) == (
+        20, 1e-3, 32, 0.1, 0.5, 0.08, True)
+    assert (glad.hparams["rank"], glad.hparams["alignnet_hidden"], glad.hparams["step_rule"]) == (8, (256, 128),
+                                                                                                 "gradreg")
+
+
+#: Small settings per method for the contract test (its own defaults train for minutes).
+FAST_FIT = {"clip_lora": {"iterations_per_shot": 1}, "mugcp": {"scp": False, "vcp": False},
+            **{n: {"iterations": 1, "expert_epochs": 1, "expert_eval_every": 1, "expert_batch_size": 4, "n_ctx": 2,
+                   "aug_randaugment": False, "subdomains": 2}
+               for n, i in REGISTRY.items() if i.cls.__module__.endswith(".guidg")}}
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_fit_is_the_contract_for_every_method(tiny_clip, tmp_path, name):
+    """Every registered method trains through `fit(items, classnames, templates, *, val_items, checkpoint,
+    progress)` as the protocols call it (two source domains with val pools), changes what it trains, then
+    evaluates; its record sections are plain data."""
+    import json
+
+    from glad_core.data import Datum
+
+    items = [Datum(d.impath, d.label, d.classname, domain) for domain in ("photo", "sketch")
+             for d in _items(tmp_path / domain, shots=1)]
+    val = [Datum(d.impath, d.label, d.classname, domain) for domain in ("photo", "sketch")
+           for d in _items(tmp_path / f"val_{domain}", shots=1)]
+    method = _method(tiny_clip, name, epochs=1, batch_size=4, hparams=FAST_FIT.get(name, {}))
+    before = {k: v.clone() for k, v in method.trained_state().items()}
+    res = method.fit(items, CLASSES, TEMPLATES, val_items=val, checkpoint=tmp_path / "ckpt", progress=False)
+    assert (res.steps > 0) == REGISTRY[name].trains
+    after = method.trained_state()
+    assert any(k not in before or not torch.equal(before[k], v) for k, v in after.items()) == REGISTRY[name].trains
+    r = evaluate(method, items, CLASSES, TEMPLATES, tiny_clip[1], progress=False)
+    assert 0 <= r["acc"] <= 1 and r["n"] == len(items)
+    hook = method.extra_metrics()
+    if hook is not None:
+        with torch.no_grad(), method.inference():
+            f = method.encode_image(torch.randn(3, 3, 32, 32))
+            json.dumps(hook(f, torch.tensor([0, 1, 2])))
+    json.dumps(method.record_info())

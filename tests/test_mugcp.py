@@ -379,5 +379,5 @@ def test_mugcp_runs_in_every_protocol_on_an_open_clip_vit(tiny_config, protocol,
     expected = {"base_to_novel": {"base", "novel", "hm"}, "multi_source_dg": {"sketch"}}.get(
         protocol, {"tuxpaint", "clipart10", "average"})
     assert set(rec["metrics"]) == expected and all(0 <= v <= 1 for v in rec["metrics"].values())
-    assert rec["train"]["steps"] > 0 and rec["descriptions"]["kind"] == ("class" if multi else "retrieval")
+    assert rec["train"]["steps"] > 0 and rec["method"]["info"]["descriptions"]["kind"] == ("class" if multi else "retrieval")
     assert cell.adapter_path().exists()

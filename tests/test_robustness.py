@@ -406,6 +406,34 @@ def test_a_changed_parameter_trains_anew_and_an_unchanged_one_is_reused(tiny_con
     assert sorted(set(df["setting"])) == ["alpha=0.3", "alpha=0.5"]  # reported apart, never averaged
 
 
+def test_a_knob_a_method_does_not_read_never_retrains_it(tmp_path):
+    """The record's identity holds only what the method reads: alpha retrains glad (step rule gradreg), not
+    coop or lora (no step rule); eval_batch_size only GuiDG with batch-averaged attention."""
+    def paths(**kw: Any) -> dict[str, Path]:
+        p = {"datasets": ["tuxpaint"], "methods": ["glad", "coop", "lora", "zeroshot"], "results_dir": str(tmp_path),
+             **kw}
+        return {c.train.method: c.record_path for c in P.cells(p)}
+
+    before, after = paths(alpha=0.5), paths(alpha=0.3)
+    assert before["glad"] != after["glad"]
+    assert {m: before[m] == after[m] for m in ("coop", "lora", "zeroshot")} == {"coop": True, "lora": True,
+                                                                                "zeroshot": True}
+    assert paths(lr=0.004)["zeroshot"] == before["zeroshot"] and paths(lr=0.004)["coop"] != before["coop"]
+    (lora_sam,) = P.cells({"datasets": ["tuxpaint"], "methods": ["lora"],
+                           "method_settings": {"lora": {"step_rule": "sam"}}})
+    assert "rho" in lora_sam.identity() and "alpha" in lora_sam.identity()  # read under a step rule
+
+    def guidg(**kw: Any) -> Path:
+        (cell,) = P.cells({"protocol": "multi_source_dg", "datasets": ["mini_pacs"], "held_out": ["sketch"],
+                           "methods": ["guidg"], "results_dir": str(tmp_path), **kw})
+        return cell.record_path
+
+    assert guidg(eval_batch_size=64) != guidg()  # 36: the attention is averaged over each evaluation batch
+    assert guidg(eval_batch_size=64, attention="image") == guidg(attention="image")  # per image: no effect
+    assert guidg(kl_weight=1.0) == guidg()  # GuiDG's loss has no KL term
+    assert paths(eval_batch_size=7, device="cpu", num_workers=1) == before  # never the numbers of these
+
+
 def test_cli_bad_input_is_one_error_line_with_the_fix(tmp_path):
     """Missing dataset folder, missing split file, unreadable weights: exit 2, `error: ...`, no traceback."""
     def run(*args: str) -> subprocess.CompletedProcess:
@@ -455,3 +483,28 @@ def test_unreadable_image_error_names_the_file(tiny_config, data_root, kind):
         evaluate(model, items, list(CLASSES), TEMPLATES, transform, progress=False)
     with pytest.raises(ImageReadError, match=re.escape(str(bad))):
         train(model, items, list(CLASSES), TEMPLATES, progress=False)
+
+
+def test_batch_explain_shows_each_methods_values_and_their_sources(tmp_path, capsys):
+    """`--dry-run --explain`: one JSON line per method, every value it reads and where it came from."""
+    import json
+
+    from glad_core.batch import main
+
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"datasets": ["tuxpaint"], "methods": ["glad", "coop", "zeroshot"], "epochs": 3,
+                                    "rank": 4, "method_settings": {"glad": {"lr": 0.004}}}))
+    assert main([str(path), "--dry-run", "--explain", "--set", "batch_size=8"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(d["file"], d["method"]) for d in lines] == [(str(path), m) for m in ("glad", "coop", "zeroshot")]
+    glad, coop, zeroshot = (d["params"] for d in lines)
+    src = {d["method"]: d["sources"] for d in lines}
+    assert set(src["glad"]) == set(glad) and set(src["coop"]) == set(coop)
+    assert (glad["lr"], glad["epochs"], glad["batch_size"], glad["rank"], glad["alpha"]) == (0.004, 3, 8, 4, 0.5)
+    assert (src["glad"]["lr"], src["glad"]["epochs"], src["glad"]["batch_size"], src["glad"]["rank"],
+            src["glad"]["alpha"]) == ("method_settings", "file", "command line", "file", "method default")
+    assert (coop["lr"], coop["epochs"], coop["weight_decay"]) == (0.002, 3, 5e-4)  # its recipe, but the flat epochs
+    assert src["coop"]["lr"] == "method default" and "rank" not in coop  # a key it does not declare
+    assert "alpha" not in coop and "rho" not in coop  # no step rule: coop does not read them
+    assert set(zeroshot) == {"device", "precision", "num_workers", "eval_batch_size"}  # it trains nothing
+    assert main([str(path), "--explain"]) == 2 and "add --dry-run" in capsys.readouterr().err

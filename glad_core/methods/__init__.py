@@ -10,20 +10,20 @@ from typing import TYPE_CHECKING, Callable
 from torch import nn
 
 from . import clip_lora, glad, guidg, mugcp, prompt_learning  # noqa: F401  (each registers its names)
-from .base import REGISTRY, Hparam, Method, MethodInfo, load_trained, method_info, register, save_trained
+from .base import (REGISTRY, SHARED, Hparam, Method, MethodInfo, load_trained, method_info, register, save_trained,
+                   table_order)
 
 if TYPE_CHECKING:
     from ..train import TrainConfig
 
-__all__ = ["REGISTRY", "Hparam", "Method", "MethodInfo", "build", "load_trained", "method_info", "register",
-           "save_trained", "ablation_rows"]
+__all__ = ["REGISTRY", "SHARED", "Hparam", "Method", "MethodInfo", "build", "load_trained", "method_info",
+           "register", "save_trained", "table_order", "ablation_rows"]
 
 
 def build(clip: nn.Module, tokenizer: Callable, cfg: "TrainConfig") -> Method:
     """The method named by `cfg.method`, on `clip` (which it freezes and may modify in place)."""
     info = method_info(cfg.method)
-    options = {k: v for k, v in info.options.items() if k != "defaults"}  # defaults go to TrainConfig
-    return info.cls(clip, tokenizer, cfg, **options)
+    return info.cls(clip, tokenizer, cfg, **info.options)
 
 
 def ablation_rows() -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""The contract every method fulfils, and the registry of methods by name.
+"""The contract every method fulfils, the shared training knobs, and the registry of methods by name.
 
 A method wraps a backbone (an open_clip model) and says:
 
@@ -6,24 +6,33 @@ A method wraps a backbone (an open_clip model) and says:
   (`trained_state`, `save_trained`, `load_trained`);
 - how it scores: `encode_image` (normalised [B, D]), `class_features` ([C, D], or [B, C, D] for a
   method whose class embeddings depend on the image, `per_image = True`) and `logits` ([B, C]);
-- how to turn every trained part off (`zero_shot()`, a context manager): the KL target of the loss
-  and the zero-shot reference are computed inside it, so no learned part leaks into them;
-- its loss (`loss`, by default CE + λ·KL to the zero-shot model) and its step ("none", "sam" or
-  "gradreg", `glad_core.gradreg`); its optimizer and schedule (`optimizer`, `scheduler`);
-- `fit`, only when it trains in stages of its own (the default is `glad_core.train.train`'s loop);
+- how to turn every trained part off (`zero_shot()`, a context manager; `switched_off` writes one):
+  the KL target of the loss and the zero-shot reference are computed inside it, so no learned part
+  leaks into them;
+- its loss (`loss`, by default CE + λ·KL to the zero-shot model), its optimizer and schedule
+  (`optimizer`, `scheduler`), and its step rule (the hyper-parameter `step_rule`, `STEP_RULE`:
+  "none", "sam" or "gradreg", `glad_core.gradreg`);
+- `fit(items, classnames, templates, *, val_items, checkpoint, progress)`: by default the shared loop
+  of `glad_core.train.train` (which ignores `val_items`); a method with stages of its own, or one
+  that trains on the sources' val pools (GuiDG), overrides it;
 - optionally, `use_items` (told each batch's `Datum` items before scoring it, for methods conditioned on
-  per-image data such as descriptions) and `record_info` (extra facts for the results record).
+  per-image data such as descriptions), `record_info` (facts about the run) and `extra_metrics` (more
+  metrics of a test split): both go into the record's `method` section, never over its `metrics`.
 
-A method declares its own hyper-parameters (`hparams`: name -> `Hparam`) and the shared knobs it sets
-differently from `TrainConfig` (`defaults`). `register` makes it a name for parameter files, the
-report and the published tables:
+What a method reads is declared, so parameter files, the record's identity and `--explain` know it:
+its own hyper-parameters (`hparams`: name -> `Hparam`), the shared knobs (`SHARED`) it reads
+(`reads`; rho / alpha / delta count only under a step rule other than "none") and the values it sets
+differently from `SHARED` (`defaults`: its published recipe). `register` makes it a name for parameter
+files, the report and the published tables:
 
-    @register("mymethod", published="MyMethod")
+    @register("mymethod", order=70, published="MyMethod", defaults={"lr": 2e-3})
     class MyMethod(Method): ...
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import in_range, one_of
 from ..encode import class_text_features
+from ..gradreg import MODES
 from ..io import atomic_path
 from ..lora import merge_lora, unmerge_lora
 
@@ -45,27 +56,105 @@ Check = Callable[[Any], "str | None"]
 
 @dataclass(frozen=True)
 class Hparam:
-    """A method's own hyper-parameter: default value, an optional check (None = valid, else why not), doc."""
+    """A knob: default value, doc, an optional check (None = valid, else why not), the types it takes
+    (None: those of the default: an int, a float or int, a list or tuple, ...), and whether it changes
+    the numbers (`identity`: False for where and how fast a run goes, e.g. the device)."""
 
     default: Any
     doc: str
     check: Check | None = None
+    types: tuple[type, ...] | None = None
+    identity: bool = True
+
+    def accepted(self) -> tuple[type, ...]:
+        """The types a value may have."""
+        if self.types is not None:
+            return self.types
+        d = self.default
+        return ((bool,) if isinstance(d, bool) else (list, tuple) if isinstance(d, tuple)
+                else (int, float) if isinstance(d, float) else (object,) if d is None else (type(d),))
+
+    def parse(self, value: Any) -> Any:
+        """`value` as this knob takes it (YAML's string floats as floats, lists as tuples where the default
+        is a tuple); raises ValueError with the reason when it is invalid."""
+        types = self.accepted()
+        if float in types and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if object not in types and ((isinstance(value, bool) and bool not in types) or not isinstance(value, types)):
+            raise ValueError("expected " + "/".join(t.__name__ for t in types) + self._hint(value))
+        why = self.check(value) if self.check is not None else None
+        if why:
+            raise ValueError(why)
+        return tuple(value) if isinstance(self.default, tuple) and isinstance(value, list) else value
+
+    def _hint(self, value: Any) -> str:
+        """The check's reason for a value of the wrong type, where it can judge one ('' otherwise)."""
+        try:
+            why = self.check(value) if self.check is not None else None
+        except (TypeError, ValueError):
+            return ""
+        return f" ({why})" if why else ""
+
+
+#: The one step-rule hyper-parameter of every method that trains (a registered name may fix its default).
+STEP_RULE = Hparam("none", "update rule: 'none' (the optimizer's step), 'sam' or 'gradreg' (Algorithm 1; "
+                   "rho, alpha, delta)", one_of(MODES))
+STEP_KNOBS = ("rho", "alpha", "delta")  # read only under a step rule other than "none"
+
+
+def _device(v: str) -> str | None:
+    ok = re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v)
+    return None if ok else "allowed: 'auto', 'cpu', 'cuda', 'cuda:<index>', 'mps'"
+
+
+#: The shared training and evaluation knobs: the value a method gets when neither its registered defaults
+#: (its recipe) nor the caller set one.
+SHARED: dict[str, Hparam] = {
+    "epochs": Hparam(20, "training epochs", in_range(1)),
+    "batch_size": Hparam(32, "training images per step", in_range(1)),
+    "lr": Hparam(1e-3, "learning rate (the schedule's peak)", in_range(0, lo_open=True)),
+    "weight_decay": Hparam(0.01, "the optimizer's weight decay", in_range(0)),
+    "kl_weight": Hparam(0.0, "λ of the KL term to the zero-shot model; 0 = cross-entropy only", in_range(0)),
+    "rho": Hparam(0.1, "ρ, radius of the ascent step (step_rule sam / gradreg)", in_range(0)),
+    "alpha": Hparam(0.5, "α, weight of the regularized gradient in g_f (step_rule gradreg)", in_range(0, 1)),
+    "delta": Hparam(1e-12, "δ, guards the projection's division (step_rule gradreg)", in_range(0)),
+    "aug_scale_min": Hparam(0.5, "RandomResizedCrop scale range (aug_scale_min, 1)", in_range(0, 1, lo_open=True)),
+    "aug_flip": Hparam(False, "random horizontal flip of training images"),
+    "device": Hparam("auto", "'auto' = cuda if available, else cpu", _device, identity=False),
+    "precision": Hparam("auto", "'auto' = bf16 autocast on CUDA, fp32 on CPU; or 'fp32' / 'bf16'",
+                        one_of(("auto", "fp32", "bf16"))),
+    "num_workers": Hparam(0, "data loader worker processes", in_range(0), identity=False),
+    "eval_batch_size": Hparam(64, "images per evaluation batch", in_range(1), identity=False),
+}
+EVAL_KNOBS = ("device", "precision", "num_workers", "eval_batch_size")  # what evaluating alone reads
+#: Parameters that do not change a cell's numbers (the data's place; the shared knobs with identity=False,
+#: unless a method's numbers depend on them: `Method.batch_dependent`).
+NOT_IDENTITY = ("data_root", *(k for k, h in SHARED.items() if not h.identity))
 
 
 @dataclass(frozen=True)
 class MethodInfo:
-    """A registered name: its class, the options it passes to it, and how the report shows it."""
+    """A registered name: its class, the options it passes to it, its recipe and how the report shows it."""
 
     name: str
     cls: type["Method"]
     options: dict[str, Any] = field(default_factory=dict)
     row: str | None = None         # the ablation row of the GLAD paper's Table 4, if any
-    published: str | None = None   # its method name in glad_core/published/ tables, if any
+    published: str | None = None   # its method name in the glad_core/published/ tables (Tables 1-5), if any
     doc: str = ""
+    order: float = math.inf        # place in tables (then registration order)
+    recipe: str | None = None      # where its defaults are cited from, when they are a published recipe
+    registered: dict[str, Any] = field(default_factory=dict)  # defaults given to `register`
 
     @property
     def hparams(self) -> dict[str, Hparam]:
-        return self.cls.hparams
+        """Its own hyper-parameters, with the defaults of this registered name."""
+        own = self.cls.hparams
+        return {k: dataclasses.replace(h, default=self.registered[k]) if k in self.registered else h
+                for k, h in own.items()}
 
     @property
     def trains(self) -> bool:
@@ -73,18 +162,37 @@ class MethodInfo:
 
     @property
     def defaults(self) -> dict[str, Any]:
-        return {**self.cls.defaults, **self.options.get("defaults", {})}
+        """The shared knobs it sets differently from `SHARED` (the class's, then this name's)."""
+        return {**self.cls.defaults, **{k: v for k, v in self.registered.items() if k in SHARED}}
+
+    def knob_default(self, key: str) -> Any:
+        """The default of a shared knob or own hyper-parameter for this name."""
+        return self.defaults.get(key, SHARED[key].default) if key in SHARED else self.hparams[key].default
 
 
 REGISTRY: dict[str, MethodInfo] = {}
 
 
-def register(name: str, row: str | None = None, published: str | None = None, **options: Any):
-    """Class decorator: register `cls` under `name` (several names may share one class with `options`)."""
+def register(name: str, *, order: float = math.inf, row: str | None = None, published: str | None = None,
+             recipe: str | None = None, defaults: dict[str, Any] | None = None, **options: Any):
+    """Class decorator: register `cls` under `name` (several names may share one class with `options`,
+    the class's constructor keywords). `defaults` sets shared knobs and own hyper-parameters for this name
+    (its recipe, cited by `recipe`); `order` places it in tables."""
     def add(cls: type[Method]) -> type[Method]:
         if name in REGISTRY:
             raise ValueError(f"method {name!r} is registered twice ({REGISTRY[name].cls.__name__}, {cls.__name__})")
-        REGISTRY[name] = MethodInfo(name, cls, options, row, published, (cls.__doc__ or "").strip().split("\n")[0])
+        given = dict(defaults or {})
+        for key, value in given.items():
+            knob = SHARED.get(key) or cls.hparams.get(key)
+            if knob is None:
+                raise ValueError(f"register({name!r}): default {key!r} is neither a shared knob {sorted(SHARED)} "
+                                 f"nor a hyper-parameter of {cls.__name__} {sorted(cls.hparams)}")
+            try:
+                given[key] = knob.parse(value)
+            except ValueError as e:
+                raise ValueError(f"register({name!r}): default {key!r} = {value!r} is invalid: {e}") from None
+        REGISTRY[name] = MethodInfo(name, cls, options, row, published, (cls.__doc__ or "").strip().split("\n")[0],
+                                    order, recipe, given)
         return cls
     return add
 
@@ -95,18 +203,37 @@ def method_info(name: str) -> MethodInfo:
     return REGISTRY[name]
 
 
+def table_order() -> list[str]:
+    """Registered names in the order of tables: by `order`, then registration."""
+    names = list(REGISTRY)
+    return sorted(names, key=lambda n: (REGISTRY[n].order, names.index(n)))
+
+
 def check_hparams(name: str, given: dict[str, Any]) -> dict[str, Any]:
-    """`given` with the method's defaults filled in; an unknown name or failed check raises ValueError."""
+    """`given` with the method's defaults filled in, each value parsed by its own `Hparam`; an unknown
+    name or an invalid value raises ValueError."""
     declared = method_info(name).hparams
     unknown = sorted(set(given) - set(declared))
     if unknown:
         raise ValueError(f"method {name!r} has no hyper-parameter {unknown}; its own are {sorted(declared)}")
-    out = {k: given.get(k, h.default) for k, h in declared.items()}
-    for k, v in out.items():
-        why = declared[k].check(v) if declared[k].check is not None else None
-        if why:
-            raise ValueError(f"hyper-parameter {k!r} = {v!r} of method {name!r} is invalid: {why}")
+    out = {}
+    for k, h in declared.items():
+        try:
+            out[k] = h.parse(given[k]) if k in given else h.default
+        except ValueError as e:
+            raise ValueError(f"hyper-parameter {k!r} = {given[k]!r} of method {name!r} is invalid: {e}") from None
     return out
+
+
+@contextmanager
+def switched_off(obj: Any, flag: str) -> Iterator[None]:
+    """`obj.<flag>` False inside, restored to True after: the `zero_shot()` of a method whose trained part
+    is gated by a flag."""
+    setattr(obj, flag, False)
+    try:
+        yield
+    finally:
+        setattr(obj, flag, True)
 
 
 class Method(nn.Module):
@@ -114,17 +241,35 @@ class Method(nn.Module):
 
     hparams: ClassVar[dict[str, Hparam]] = {}
     defaults: ClassVar[dict[str, Any]] = {}
+    reads: ClassVar[tuple[str, ...]] = tuple(SHARED)  # the shared knobs it reads (see `knobs`)
     per_image: ClassVar[bool] = False  # class_features depend on the image features
     trains: ClassVar[bool] = True      # False: nothing to train (no record of training, no landscape)
     builds_in_fit: ClassVar[bool] = False  # True: `fit` builds what scoring needs (experts, a description
                                            # index), so a saved state alone is not reused: the cell fits
-    step: str = "none"                 # "none" | "sam" | "gradreg"
 
     def __init__(self, clip: nn.Module, tokenizer: Callable, cfg: "TrainConfig"):
         super().__init__()
         self.clip, self.tokenizer, self.cfg = clip, tokenizer, cfg
         self.hp = cfg.hparams
         clip.requires_grad_(False)
+
+    @classmethod
+    def knobs(cls, hp: dict[str, Any]) -> tuple[str, ...]:
+        """The shared knobs this method reads with hyper-parameters `hp`: `reads`, without rho, alpha and
+        delta when its step rule is "none" (the record, its identity and `--explain` hold only these)."""
+        stepped = hp.get("step_rule", "none") != "none"
+        return tuple(k for k in cls.reads if stepped or k not in STEP_KNOBS)
+
+    @classmethod
+    def batch_dependent(cls, hp: dict[str, Any]) -> bool:
+        """Whether its predictions depend on how the test images are batched (then `eval_batch_size` is
+        part of its identity; default: no)."""
+        return False
+
+    @property
+    def step(self) -> str:
+        """Its step rule: "none", "sam" or "gradreg" (the hyper-parameter `step_rule`)."""
+        return self.hp.get("step_rule", "none")
 
     # --- what it trains ------------------------------------------------------------------------
     def trainable(self) -> list[nn.Parameter]:
@@ -188,8 +333,14 @@ class Method(nn.Module):
         per-image data other than pixels (MuGCP's descriptions) keeps them for its `class_features`."""
 
     def record_info(self) -> dict[str, Any]:
-        """Facts about how this run's numbers were obtained, added to its results record (default: none)."""
+        """Facts about how this run's numbers were obtained: the record's `method.info` (default: none)."""
         return {}
+
+    def extra_metrics(self) -> Callable[[torch.Tensor, torch.Tensor], dict[str, Any]] | None:
+        """More metrics of a test split, or None (the default: no extra encoding pass): a function of the
+        split's image features [N, D] (encoded in `inference()`, in order) and labels [N], whose result
+        goes into the record's `method.metrics[split]`."""
+        return None
 
     # --- how it trains -------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, log_p_zs: torch.Tensor | None,
@@ -206,12 +357,23 @@ class Method(nn.Module):
         """Cosine from `cfg.lr` over all steps."""
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
 
-    def fit(self, items: Sequence, classnames: Sequence[str], templates: Sequence[str],
-            checkpoint: str | Path | None = None, progress: bool = True) -> "TrainResult":
-        """Train on `items`: the shared loop of `glad_core.train.train`; a method with stages overrides it."""
+    def fit(self, items: Sequence, classnames: Sequence[str], templates: Sequence[str], *,
+            val_items: Sequence | None = None, checkpoint: str | Path | None = None,
+            progress: bool = True) -> "TrainResult":
+        """Train on `items` (resuming from `checkpoint` where the loop saves one): the shared loop of
+        `glad_core.train.train`, which does not use the sources' val pools (`val_items`, given by the
+        leave-one-domain-out protocol); a method with stages, or one trained on the val pools, overrides it."""
         from ..train import train
 
         return train(self, items, classnames, templates, checkpoint=checkpoint, progress=progress)
+
+
+@register("zeroshot", order=0, published="clip")
+class ZeroShot(Method):
+    """Frozen CLIP with the dataset's hand-written prompts: trains nothing."""
+
+    trains = False
+    reads = EVAL_KNOBS
 
 
 def tuning_loss(logits: torch.Tensor, labels: torch.Tensor, log_p_zs: torch.Tensor | None,

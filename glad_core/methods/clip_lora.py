@@ -19,16 +19,17 @@ from typing import Sequence
 import torch
 
 from ..checks import in_range
-from .base import Hparam, register
+from .base import STEP_RULE, Hparam, register
 from .glad import LORA_HPARAMS, LoRAMethod
 
 
-@register("clip_lora",
+@register("clip_lora", order=20, recipe="docs/recipes.md (CLIP-LoRA)",
           defaults={"lr": 2e-4, "weight_decay": 1e-2, "batch_size": 32, "kl_weight": 0.0,
                     "aug_scale_min": 0.08, "aug_flip": True})
 class ClipLoRA(LoRAMethod):
     """CLIP-LoRA: LoRA scaled by α/√r, trained for 500 iterations per shot with AdamW and CE."""
 
+    reads = tuple(k for k in LoRAMethod.reads if k != "epochs")  # its length is iterations_per_shot x shots
     hparams = {
         "rank": Hparam(2, "r (CLIP-LoRA: 2)", in_range(1)),
         "lora_alpha": Hparam(1.0, "α; the update is scaled by α/√r (CLIP-LoRA: 1)", in_range(0)),
@@ -38,6 +39,7 @@ class ClipLoRA(LoRAMethod):
                            lambda v: None if "{}" in v else "must contain {} for the class name"),
         "iterations_per_shot": Hparam(500, "training iterations per shot (CLIP-LoRA: 500)", in_range(1)),
         "min_lr": Hparam(1e-6, "the cosine schedule's final learning rate (CLIP-LoRA: 1e-6)", in_range(0)),
+        "step_rule": STEP_RULE,
     }
 
     def lora_scale(self) -> float:
@@ -53,8 +55,8 @@ class ClipLoRA(LoRAMethod):
     def scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=self.hp["min_lr"])
 
-    def fit(self, items: Sequence, classnames: Sequence[str], templates: Sequence[str],
-            checkpoint: str | Path | None = None, progress: bool = True):
+    def fit(self, items: Sequence, classnames: Sequence[str], templates: Sequence[str], *,
+            val_items: Sequence | None = None, checkpoint: str | Path | None = None, progress: bool = True):
         """`iterations_per_shot` x shots iterations of the shared loop (`epochs` is not used)."""
         from ..train import train
 

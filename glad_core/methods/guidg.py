@@ -38,17 +38,16 @@ from torch import nn
 
 from ..checks import in_range, one_of
 from ..lora import apply_lora, lora_disabled, lora_layers
-from .base import Hparam, Method, register
+from .base import STEP_RULE, Hparam, Method, register, switched_off
 from .glad import LORA_HPARAMS
 
-GUIDG_DEFAULTS = {"lr": 5e-6, "weight_decay": 0.1, "epochs": 10, "batch_size": 12, "kl_weight": 0.0,
-                  "eval_batch_size": 36}
+GUIDG_DEFAULTS = {"lr": 5e-6, "weight_decay": 0.1, "epochs": 10, "batch_size": 12, "eval_batch_size": 36}
+GUIDG_RECIPE = "GuiDG's code (glad_core/methods/guidg.py)"
 
 COMMON_HPARAMS = {
     "iterations": Hparam(400, "step-2 iterations per epoch (GuiDG: 400)", in_range(1)),
     "tune": Hparam("full", "how the image tower is tuned: 'full' (the paper) or 'lora' (ours)", one_of(("full", "lora"))),
-    "gradreg": Hparam(False, "step with GLAD's regularized gradient (rho, alpha, delta) instead of plain AdamW",
-                      lambda v: None if isinstance(v, bool) else "must be true or false"),
+    "step_rule": STEP_RULE,
     "rank": LORA_HPARAMS["rank"],
     "lora_scale": LORA_HPARAMS["lora_scale"],
     "lora_dropout": LORA_HPARAMS["lora_dropout"],
@@ -127,21 +126,21 @@ class Pool:
     val: list
 
 
-@register("guidg", guided=True)
-@register("erm_wf+guidg", guided=True)
-@register("erm_wf", guided=False)
+@register("guidg", order=32, recipe=GUIDG_RECIPE, guided=True)
+@register("erm_wf+guidg", order=31, published="erm_wf+guidg", recipe=GUIDG_RECIPE, guided=True)
+@register("erm_wf", order=30, published="erm_wf", recipe=GUIDG_RECIPE, guided=False)
 class GuiDG(Method):
     """ERM (WF), optionally guided by GuiDG's domain experts (the others derive from it)."""
 
     hparams: ClassVar[dict[str, Hparam]] = {**COMMON_HPARAMS, **GUIDE_HPARAMS, **WISE_HPARAMS}
     defaults = GUIDG_DEFAULTS
-    uses_val_pool: ClassVar[bool] = True  # `fit` takes the sources' val pools (the guidance data)
+    # its own transforms and loss: no aug_scale_min / aug_flip, no kl_weight
+    reads = tuple(k for k in Method.reads if k not in ("kl_weight", "aug_scale_min", "aug_flip"))
     builds_in_fit: ClassVar[bool] = True  # the experts and the attention exist only after `fit`
 
     def __init__(self, clip: nn.Module, tokenizer: Callable, cfg, guided: bool = True):
         super().__init__(clip, tokenizer, cfg)
         self.guided = guided
-        self.step = "gradreg" if self.hp["gradreg"] else "none"
         if self.hp["tune"] == "lora":
             apply_lora(clip, rank=self.hp["rank"], scale=self.hp["lora_scale"], dropout=self.hp["lora_dropout"],
                        towers=("image",))
@@ -160,9 +159,18 @@ class GuiDG(Method):
             return F.normalize(self.visual(images).float(), dim=-1)
         return super().encode_image(images)
 
+    @classmethod
+    def batch_dependent(cls, hp: dict) -> bool:
+        """Batch-averaged attention: the weights of a test image depend on its evaluation batch's others."""
+        return hp["attention"] == "batch"
+
     @property
     def has_experts(self) -> bool:
         return self.guided and self.attn is not None
+
+    def extra_metrics(self):
+        """The guided methods' `guidance_metrics` (after `fit`)."""
+        return self.guidance_metrics if self.has_experts else None
 
     def class_features(self, classnames: Sequence[str], templates: Sequence[str],
                        image_features: torch.Tensor | None = None) -> torch.Tensor:
@@ -206,12 +214,8 @@ class GuiDG(Method):
     @contextmanager
     def zero_shot(self) -> Iterator[None]:
         """The pretrained tower (LoRA off) with the hand-written prompts."""
-        self._tuned = False
-        try:
-            with lora_disabled(self.clip):
-                yield
-        finally:
-            self._tuned = True
+        with switched_off(self, "_tuned"), lora_disabled(self.clip):
+            yield
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         """The tuned tower (or its LoRA), the attention and the experts' contexts (frozen in step 2)."""
@@ -248,8 +252,8 @@ class GuiDG(Method):
         """End-of-training hook (CLIPood loads its moving average)."""
 
     # --- training ---------------------------------------------------------------------------------
-    def fit(self, items: Sequence, classnames: Sequence[str], templates: Sequence[str],
-            checkpoint: str | Path | None = None, progress: bool = True, val_items: Sequence | None = None):
+    def fit(self, items: Sequence, classnames: Sequence[str], templates: Sequence[str], *,
+            val_items: Sequence | None = None, checkpoint: str | Path | None = None, progress: bool = True):
         """Step 1 (experts, when guided) then step 2 on `items` grouped by `Datum.domain`.
 
         `val_items`: the sources' val pools (step 2's data, experts' selection); without them each
@@ -270,8 +274,8 @@ def wise_ft_(method: GuiDG, alpha: float) -> None:
                 lora.lora_B.mul_(alpha)
 
 
-@register("ueo_wf+guidg", guided=True)
-@register("ueo_wf", guided=False)
+@register("ueo_wf+guidg", order=34, published="ueo_wf+guidg", recipe=GUIDG_RECIPE, guided=True)
+@register("ueo_wf", order=33, published="ueo_wf", recipe=GUIDG_RECIPE, guided=False)
 class UEO(GuiDG):
     """UEO (WF): CE plus μ (mean entropy − entropy of the mean) per classifier, WiSE-FT after each epoch."""
 
@@ -281,8 +285,8 @@ class UEO(GuiDG):
         return F.cross_entropy(logits, labels) + self.hp["ueo_weight"] * ueo_term(logits)
 
 
-@register("clipood+guidg", guided=True)
-@register("clipood", guided=False)
+@register("clipood+guidg", order=36, published="clipood+guidg", recipe=GUIDG_RECIPE, guided=True)
+@register("clipood", order=35, published="clipood", recipe=GUIDG_RECIPE, guided=False)
 class CLIPood(GuiDG):
     """CLIPood: margin-metric softmax and the Beta moving average of the parameters (evaluated)."""
 

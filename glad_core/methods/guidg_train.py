@@ -14,7 +14,7 @@ from ..datasets import DatasetError, split_per_class
 from ..domains import split_subdomains
 from ..gradreg import GradRegStep
 from ..prompts import PromptLearner
-from ..train import TrainResult, autocast, image_features, resolve_device, set_seed, train_transform
+from ..train import TrainResult, autocast, check_finite, image_features, resolve_device, set_seed, train_transform
 
 if TYPE_CHECKING:
     from .guidg import GuiDG, Pool
@@ -182,9 +182,9 @@ def fit_guidg(method: "GuiDG", items: Sequence[Datum], classnames: Sequence[str]
     T = step2_classifiers(method, [c for c, _ in experts] if method.guided else None, classnames, templates)
 
     params = method.trainable()
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = method.optimizer(params)  # AdamW at lr with weight_decay, cosine over every iteration
     total = cfg.epochs * hp["iterations"]
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    scheduler = method.scheduler(optimizer, total)
     stepper = GradRegStep(params, optimizer, mode=method.step, rho=cfg.rho, alpha=cfg.alpha, delta=cfg.delta)
     transform = guidance_transform(method.clip, hp["aug_randaugment"])
     data = [ImageDataset(p.val, transform) for p in pools]
@@ -199,8 +199,7 @@ def fit_guidg(method: "GuiDG", items: Sequence[Datum], classnames: Sequence[str]
             labels = torch.tensor([y for b in batches for _, y in b], device=device)
 
             loss = guided_step(method, stepper, images, labels, T)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at epoch {epoch + 1} of {cfg.method}; lower lr (now {cfg.lr})")
+            check_finite(loss, cfg, epoch)
             scheduler.step()
             method.after_step(result.steps, total)
             result.steps += 1

@@ -48,7 +48,6 @@ from .prompt_learning import DASSL_SGD, PROMPT_HPARAMS, CoOp
 from .base import Hparam, register
 
 FUSIONS = ("add", "concat")
-STEPS = ("none", "sam", "gradreg")
 
 
 def _is_bool(v) -> str | None:
@@ -72,7 +71,6 @@ MUGCP_HPARAMS = {
                                 "the zero-shot prediction); 'auto': retrieval for human texts, the file's own for "
                                 "MLLM ones, class for class texts", one_of(("auto", "retrieval", "images", "class"))),
     "oracle": Hparam(False, "give test images their own human descriptions (an upper bound, recorded)", _is_bool),
-    "step_rule": Hparam("none", "update rule: 'none', 'sam' or 'gradreg' (glad_core.gradreg)", one_of(STEPS)),
 }
 
 
@@ -113,7 +111,7 @@ class AMG(nn.Module):
         return s, p, attention
 
 
-@register("mugcp", defaults={**DASSL_SGD, "batch_size": 1, "epochs": 10, "kl_weight": 1.0})
+@register("mugcp", order=50, defaults={**DASSL_SGD, "batch_size": 1, "epochs": 10, "kl_weight": 1.0})
 class MuGCP(CoOp):
     """MuGCP: context fused with description (SCP) and attention-guided visual (VCP) prompt tokens."""
 
@@ -123,7 +121,6 @@ class MuGCP(CoOp):
 
     def __init__(self, clip: nn.Module, tokenizer: Callable, cfg):
         super().__init__(clip, tokenizer, cfg)
-        self.step = self.hp["step_rule"]
         self.parts = [p for p in ("scp", "vcp") if self.hp[p]]
         self.conditioned = bool(self.parts)
         self.provider: DescriptionProvider | None = None
@@ -319,9 +316,10 @@ class MuGCP(CoOp):
         self.set_provider(provider)
         return provider
 
-    def fit(self, items: Sequence[Datum], classnames: Sequence[str], templates: Sequence[str],
-            checkpoint: str | Path | None = None, progress: bool = True):
+    def fit(self, items: Sequence[Datum], classnames: Sequence[str], templates: Sequence[str], *,
+            val_items: Sequence[Datum] | None = None, checkpoint: str | Path | None = None, progress: bool = True):
         """Build the description provider (`build_provider`), then train with the shared loop."""
         if self.conditioned and self.provider is None:
             self.build_provider(items)
-        return super().fit(items, classnames, templates, checkpoint=checkpoint, progress=progress)
+        return super().fit(items, classnames, templates, val_items=val_items, checkpoint=checkpoint,
+                           progress=progress)

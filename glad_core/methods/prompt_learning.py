@@ -21,7 +21,7 @@ from torch import nn
 
 from ..checks import in_range, one_of
 from ..prompts import POSITIONS, PromptLearner, meta_net
-from .base import Hparam, Method, register, warmup_cosine
+from .base import STEP_RULE, Hparam, Method, register, switched_off, warmup_cosine
 
 DASSL_SGD = {"lr": 0.002, "weight_decay": 5e-4, "kl_weight": 0.0, "aug_scale_min": 0.08, "aug_flip": True}
 PROMPT_HPARAMS = {
@@ -33,10 +33,12 @@ PROMPT_HPARAMS = {
     "warmup_epochs": Hparam(1, "epochs at the constant warm-up lr before the cosine (Dassl: 1)", in_range(0)),
     "warmup_lr": Hparam(1e-5, "the constant warm-up learning rate (Dassl: 1e-5)", in_range(0)),
     "prompt_chunk": Hparam(4096, "prompts per text-tower call in evaluation (bounds memory)", in_range(1)),
+    "step_rule": STEP_RULE,
 }
 
 
-@register("coop", published="coop", defaults={**DASSL_SGD, "batch_size": 32, "epochs": 200})
+@register("coop", order=40, published="coop", recipe="docs/recipes.md (CoOp)",
+          defaults={**DASSL_SGD, "batch_size": 32, "epochs": 200})
 class CoOp(Method):
     """CoOp: learned context vectors shared by all classes, on the frozen text tower."""
 
@@ -77,11 +79,8 @@ class CoOp(Method):
     @contextmanager
     def zero_shot(self) -> Iterator[None]:
         """The dataset's hand-written prompts instead of the learned context."""
-        self._learned = False
-        try:
+        with switched_off(self, "_learned"):
             yield
-        finally:
-            self._learned = True
 
     def optimizer(self, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.hp["momentum"], weight_decay=self.cfg.weight_decay)
@@ -91,7 +90,8 @@ class CoOp(Method):
         return warmup_cosine(optimizer, total_steps, warmup, self.hp["warmup_lr"])
 
 
-@register("cocoop", published="cocoop", defaults={**DASSL_SGD, "batch_size": 1, "epochs": 10})
+@register("cocoop", order=41, published="cocoop", recipe="docs/recipes.md (CoCoOp)",
+          defaults={**DASSL_SGD, "batch_size": 1, "epochs": 10})
 class CoCoOp(CoOp):
     """CoCoOp: CoOp's context shifted per image by a meta-net of the image feature."""
 
@@ -115,7 +115,8 @@ class CoCoOp(CoOp):
         return self.learner(classnames)(shift=shift, chunk=self._chunk())
 
 
-@register("kgcoop", published="kgcoop", defaults={**DASSL_SGD, "batch_size": 128, "epochs": 100})
+@register("kgcoop", order=42, published="kgcoop", recipe="docs/recipes.md (KgCoOp)",
+          defaults={**DASSL_SGD, "batch_size": 128, "epochs": 100})
 class KgCoOp(CoOp):
     """KgCoOp: CoOp whose class embeddings are kept near the hand-written ones."""
 
