@@ -1,10 +1,10 @@
 """Deep-prompt benchmarks: MaPLe, PromptSRC (and IVLP) training steps against a CoOp step and a LoRA step on
 the same model and batch, and the peak memory of each step.
 
-    python benchmarks/deep_prompts.py                       # ViT-B-32 (random init), batch 32, 50 classes
-    python benchmarks/deep_prompts.py --model glad-mini     # text-only deep prompts (no blocks in its image tower)
-    python benchmarks/deep_prompts.py --device cuda --model ViT-B-16
-    python benchmarks/deep_prompts.py --smoke               # tiny model, one round: checks the script runs
+    python -m benchmarks.deep_prompts                       # ViT-B-32 (random init), batch 32, 50 classes
+    python -m benchmarks.deep_prompts --model glad-mini     # text-only deep prompts (no blocks in its image tower)
+    python -m benchmarks.deep_prompts --device cuda --model ViT-B-16
+    python -m benchmarks.deep_prompts --smoke               # tiny model, one round: checks the script runs
 
 Every method runs one full `glad_core.train.Step` (class features, image features, its own loss, backward,
 its optimizer's step) on the same images and labels, with its default hyper-parameters (depth 9, LoRA r 8 on
@@ -16,27 +16,20 @@ model and one warm-up step (CPU), or `torch.cuda.max_memory_allocated` over the 
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
+from typing import Sequence
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
-
-from glad_core.methods import build  # noqa: E402
-from glad_core.train import Step, TrainConfig  # noqa: E402
-from memory import MB, PeakRSS  # noqa: E402
-from prompts import SMOKE_CONFIG, SMOKE_MODEL, classnames, load, table  # noqa: E402
-from timing import interleave  # noqa: E402
+from benchmarks.common import SMOKE_MODEL, child, image_size, load_model, run_children, smoke_config, table, write_rows
+from benchmarks.common import imagenet_names as classnames
+from benchmarks.common import parser as cli
+from benchmarks.memory import MB, PeakRSS
+from benchmarks.timing import interleave
+from glad_core.methods import build
+from glad_core.train import Step, TrainConfig
 
 TEMPLATES = ["a photo of a {}."]
 METHODS = ("lora", "coop", "ivlp", "maple", "promptsrc")
@@ -49,10 +42,8 @@ class MethodStep:
         self.method = build(clip, tokenizer, TrainConfig(method=name, device=device, precision="fp32")).to(device)
         self.method.train()
         names = classnames(classes)
-        size = clip.visual.preprocess_cfg["size"]
-        size = (size, size) if isinstance(size, int) else tuple(size)
         g = torch.Generator().manual_seed(0)
-        self.images = torch.randn(batch, 3, *size, generator=g).to(device)
+        self.images = torch.randn(batch, 3, *image_size(clip), generator=g).to(device)
         self.labels = torch.randint(0, classes, (batch,), generator=g).to(device)
         self.step = Step(self.method, names, TEMPLATES, self.method.optimizer(self.method.trainable()))
 
@@ -61,7 +52,7 @@ class MethodStep:
 
 
 def speed_rows(model: str, batch: int, classes: int, n_rounds: int, device: str, config_dir: str | None) -> list[dict]:
-    clip, tokenizer = load(model, device, config_dir)
+    clip, _, tokenizer = load_model(model, device, config_dir)
     untouched = copy.deepcopy(clip)  # LoRA changes its model in place; the prompt methods leave theirs as is
     steps = {"lora": MethodStep("lora", untouched, tokenizer, batch, classes, device)}
     steps.update({m: MethodStep(m, clip, tokenizer, batch, classes, device) for m in METHODS[1:]})
@@ -84,9 +75,9 @@ def speed_rows(model: str, batch: int, classes: int, n_rounds: int, device: str,
     return rows
 
 
-def child(spec: dict) -> dict:
+def child_peak(spec: dict) -> dict:
     """Peak memory of one training step of `spec['method']` in this fresh process, after one warm-up step."""
-    clip, tokenizer = load(spec["model"], spec["device"], spec.get("config_dir"))
+    clip, _, tokenizer = load_model(spec["model"], spec["device"], spec.get("config_dir"))
     step = MethodStep(spec["method"], clip, tokenizer, spec["batch"], spec["classes"], spec["device"])
     if spec["device"].startswith("cuda"):
         step()
@@ -103,17 +94,10 @@ def child(spec: dict) -> dict:
 
 
 def memory_rows(model: str, batch: int, classes: int, device: str, threads: int, config_dir: str | None) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-    inc = {}
-    for m in METHODS:  # one after the other: each process has the machine to itself
-        spec = {"model": model, "method": m, "batch": batch, "classes": classes, "device": device,
-                "config_dir": config_dir}
-        out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec), "--threads", str(threads)],
-                             env=env, capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"benchmark child {spec} failed:\n{out.stderr[-3000:]}")
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        inc[m] = (r["peak_mb"] - r["start_mb"], r["start_mb"])
+    specs = [("deep_prompts", {"model": model, "method": m, "batch": batch, "classes": classes, "device": device,
+                               "config_dir": config_dir}) for m in METHODS]
+    results = run_children(specs, threads, parallel=False)  # one after the other: each has the machine to itself
+    inc = {m: (r["peak_mb"] - r["start_mb"], r["start_mb"]) for m, r in zip(METHODS, results)}
     kind = "CUDA allocated" if device.startswith("cuda") else "RSS"
     return [dict(what=f"peak {kind} increase of a {m} step ({device}, batch {batch}, {classes} classes), "
                       f"/ a LoRA step ({inc['lora'][0]:.0f} MB)",
@@ -122,37 +106,30 @@ def memory_rows(model: str, batch: int, classes: int, device: str, threads: int,
             for m in METHODS[1:]]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = cli(__doc__, "smoke", "device", "threads", "json", "child")
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--classes", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--sections", default="speed,memory", help="comma-separated: speed, memory")
-    parser.add_argument("--smoke", action="store_true", help="tiny model, small sizes, one round")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(child(json.loads(args.child))))
-        return 0
-    with tempfile.TemporaryDirectory() as d:
-        config_dir = None
+        return child(child_peak, args.child)
+    sections = [x.strip() for x in args.sections.split(",") if x.strip()]
+    if set(sections) - {"speed", "memory"}:
+        parser.error(f"unknown sections {sorted(set(sections) - {'speed', 'memory'})}; choose from speed, memory")
+    with smoke_config(args.smoke) as config_dir:
         if args.smoke:
-            config_dir = d
-            (Path(d) / f"{SMOKE_MODEL}.json").write_text(json.dumps(SMOKE_CONFIG))
             args.model, args.batch, args.classes, args.rounds = SMOKE_MODEL, 2, 5, 1
-        sections, rows = args.sections.split(","), []
+        rows = []
         if "speed" in sections:
             rows += speed_rows(args.model, args.batch, args.classes, args.rounds, args.device, config_dir)
         if "memory" in sections:
             rows += memory_rows(args.model, args.batch, args.classes, args.device, args.threads, config_dir)
     print(table(args.model, rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    write_rows(args.json, rows)
     return 0
 
 
