@@ -50,6 +50,7 @@ def guided(name: str, clip, tokenizer, names: list[str], device: str, batch: int
     params = m.trainable()
     stepper = GradRegStep(params, torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay), mode="none")
     m.train()
+    m.before_training(10_000)
     step = [0]
 
     def run() -> None:
