@@ -529,8 +529,9 @@ def fewshot(splits: Splits, shots: int, seed: int, cache: str | Path | None = "a
     `shots < 1` returns `splits` unchanged (CoOp's "all data"). `cache`: "auto" (the dataset's
     `split_fewshot/` folder when writable, else the glad cache), a folder, or None (no cache).
     A class smaller than the shot count keeps all its items (Dassl's default), or with `repeat=True`
-    is sampled with replacement (Dassl's option), with a warning; `strict=True` raises instead. Apply before `subsample_classes`, as CoOp does. `val_shots`
-    replaces CoOp's min(K, 4) (GuiDG draws K from val too: its guidance pool), on the same stream.
+    is sampled with replacement (Dassl's option), with a warning; `strict=True` raises instead. Apply
+    before `subsample_classes`, as CoOp does. `val_shots` replaces CoOp's min(K, 4) (GuiDG draws K from
+    val too: its guidance pool), on the same stream.
     """
     if shots < 1:
         return splits

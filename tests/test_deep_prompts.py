@@ -2,6 +2,8 @@
 the zero-shot switch, the mechanism on every tower kind, what they train, saving, and every protocol."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -128,14 +130,16 @@ def test_gpa_state_resumes_and_the_recipes_are_the_public_configs(tiny_clip):
     clip, _, tok = tiny_clip
     method = build(clip, tok, TrainConfig(method="promptsrc", device="cpu", epochs=4))
     opt = method.optimizer(method.trainable())
-    sched = method.scheduler(opt, total_steps=8)
+    assert method.lr_per_epoch  # Dassl's loop: the schedule counts epochs
+    sched = method.scheduler(opt, total_steps=4)
     lrs = []
     for _ in range(3):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert lrs[:2] == pytest.approx([1e-5, 1e-5]) and lrs[2] == pytest.approx(0.0025)  # CoOp's warm-up and cosine
-    again = method.scheduler(torch.optim.SGD(method.trainable(), lr=0.0025), total_steps=8)
+    cosine = 0.0025 * 0.5 * (1 + math.cos(math.pi / 4))  # CoOp's warm-up epoch, then the restarted cosine
+    assert lrs == pytest.approx([1e-5, 0.0025, cosine])
+    again = method.scheduler(torch.optim.SGD(method.trainable(), lr=0.0025), total_steps=4)
     again.load_state_dict(sched.state_dict())
     assert again.steps == 3 and all(torch.equal(a, b) for a, b in zip(again.sum, sched.sum))
 
@@ -319,7 +323,8 @@ def test_deep_prompt_methods_run_in_every_protocol_on_an_open_clip_vit(tiny_conf
         p["targets"] = ["clipart10"]
     for cell in P.cells(p):
         rec = run_cell(cell, progress=False)
-        assert rec["train"]["steps"] >= 2 and 0 <= min(rec["metrics"].values()) <= 1
+        # >= 1 step: Dassl's loop drops a last incomplete batch (5 base images, batch 4: one step)
+        assert rec["train"]["steps"] >= 1 and 0 <= min(rec["metrics"].values()) <= 1
         assert rec["cell"]["method"] in methods
 
 

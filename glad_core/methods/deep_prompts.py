@@ -10,8 +10,8 @@ muzairkhattak/PromptSRC for IVLP and PromptSRC; configs/trainers/*/vit_b16_c2_*.
                f^zs: its image features, p^zs = softmax(τ f^zs · t^zs); and Gaussian prompt aggregation:
                the prompts used after training are Σ_e w_e P_e over the epochs' end states, w_e ∝ N(e; μ, σ²)
 
-Recipes (SGD, momentum 0.9, weight decay 5e-4, one warm-up epoch at 1e-5, cosine; batch 4; crop 0.08-1 and
-flip; fp16 in the originals, `precision` here):
+Recipes (SGD, momentum 0.9, weight decay 5e-4, one warm-up epoch at 1e-5, cosine, stepped per epoch as Dassl
+does (`prompt_learning`); batch 4; crop 0.08-1 and flip; fp16 in the originals, `precision` here):
     ivlp       lr 0.0025, 20 epochs, 4 + 4 tokens, depth 9 + 9   (PromptSRC repo, IVLP/vit_b16_c2_ep20_batch4_4+4ctx)
     maple      lr 0.0035, 5 epochs, 2 tokens, depth 9            (MaPLe/vit_b16_c2_ep5_batch4_2ctx)
     promptsrc  lr 0.0025, 20 epochs, 4 + 4 tokens, depth 9 + 9, λ_t 25, λ_i 10, GPA μ 15, σ 1
@@ -41,8 +41,9 @@ from .prompt_learning import DASSL_SGD, PROMPT_HPARAMS, CoOp
 
 log = logging.getLogger(__name__)
 
-COMMON = {k: PROMPT_HPARAMS[k] for k in ("ctx_init", "momentum", "warmup_epochs", "warmup_lr", "prompt_chunk",
-                                          "step_rule")}
+# Dassl's loop too (the trainers call update_lr after each epoch's last batch; Dassl's drop_last rule)
+COMMON = {k: PROMPT_HPARAMS[k] for k in ("ctx_init", "momentum", "warmup_epochs", "warmup_lr", "lr_per_epoch",
+                                          "drop_last", "prompt_chunk", "step_rule")}
 IVLP_HPARAMS = {
     **COMMON,
     "n_ctx": Hparam(4, "text context tokens M (N_CTX_TEXT: 4)", in_range(1)),
