@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 import cloudpickle  # noqa: E402
 from distributed import Client  # noqa: E402
 
-from glad_core import batch, cluster  # noqa: E402
+from glad_core import cluster  # noqa: E402
+from glad_core import jobs as J  # noqa: E402
 from glad_core.train import METHODS  # noqa: E402
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this file
@@ -39,11 +40,11 @@ GRIDS = {"smoke": ROOT / "params" / "smoke" / "base_to_novel.yaml",
 TARGET = 1.7
 
 
-def _empty(job: batch.Job) -> None:
+def _empty(job: J.Job) -> None:
     """A cell that does nothing: what remains is the cost of scheduling it."""
 
 
-def _sleep(job: batch.Job) -> None:
+def _sleep(job: J.Job) -> None:
     """A stand-in cell for --smoke: one second of waiting."""
     time.sleep(1.0)
 
@@ -81,7 +82,7 @@ class ClusterBench:
         return "\n".join(lines)
 
 
-def _timed(jobs: Sequence[batch.Job], client: Client, task: Callable[[batch.Job], None] | None) -> float:
+def _timed(jobs: Sequence[J.Job], client: Client, task: Callable[[J.Job], None] | None) -> float:
     t = time.perf_counter()
     failures = cluster.run(jobs, client, progress=False, **({"task": task} if task else {}))
     elapsed = time.perf_counter() - t
@@ -93,13 +94,13 @@ def _timed(jobs: Sequence[batch.Job], client: Client, task: Callable[[batch.Job]
 def measure(grid: str = "smoke", empty: int = 300, smoke: bool = False) -> ClusterBench:
     """Time the grid (every method of its file, one seed) and `empty` empty cells on 1 and 2 workers."""
     with tempfile.TemporaryDirectory() as tmp:
-        def jobs(name: str, **overrides) -> list[batch.Job]:
-            return batch.plan([GRIDS[grid]], {"methods": list(METHODS), "seeds": [1],
+        def jobs(name: str, **overrides) -> list[J.Job]:
+            return J.plan([GRIDS[grid]], {"methods": list(METHODS), "seeds": [1],
                                               "results_dir": str(Path(tmp) / name), **overrides})
 
         cells = jobs("warm-up")
         if not smoke:  # file caches warm, before either configuration is timed
-            failure = batch.attempt(cells[0])
+            failure = J.attempt(cells[0])
             if failure:
                 raise RuntimeError(failure)
         bench = ClusterBench("smoke (sleeping cells)" if smoke else grid, len(cells), empty)

@@ -36,7 +36,7 @@ from glad_core.gradreg import GradRegStep  # noqa: E402
 from glad_core.methods import build  # noqa: E402
 from glad_core.methods.guidg_train import expert_step, guided_step, step2_classifiers  # noqa: E402
 from glad_core.prompts import PromptLearner  # noqa: E402
-from glad_core.train import TrainConfig  # noqa: E402
+from glad_core.config import TrainConfig  # noqa: E402
 from prompts import SMOKE_CONFIG, SMOKE_MODEL, classnames, load, table  # noqa: E402
 from timing import interleave  # noqa: E402
 

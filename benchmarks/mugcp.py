@@ -31,7 +31,8 @@ import torch  # noqa: E402
 from glad_core.data import Datum  # noqa: E402
 from glad_core.descriptions import DescriptionProvider, Descriptions  # noqa: E402
 from glad_core.methods import build  # noqa: E402
-from glad_core.train import Step, TrainConfig  # noqa: E402
+from glad_core.config import TrainConfig  # noqa: E402
+from glad_core.train import Step  # noqa: E402
 from prompts import SMOKE_CONFIG, SMOKE_MODEL, classnames, load, table  # noqa: E402
 from timing import interleave  # noqa: E402
 

@@ -48,7 +48,8 @@ from glad_core.encode import encode_text, prompts, trim_padding  # noqa: E402
 from glad_core.gradreg import MODES, GradRegStep  # noqa: E402
 from glad_core.lora import merge_lora, unmerge_lora  # noqa: E402
 from glad_core.methods import build  # noqa: E402
-from glad_core.train import Step, TrainConfig, evaluate  # noqa: E402
+from glad_core.config import TrainConfig  # noqa: E402
+from glad_core.train import Step, evaluate  # noqa: E402
 from memory import MB, PeakRSS  # noqa: E402
 from timing import interleave  # noqa: E402
 

@@ -29,7 +29,7 @@ import yaml
 from .checks import in_range, one_of, str_list
 from .methods import REGISTRY, SHARED, Hparam
 from .protocols import PROTOCOLS, TARGET_PARTS, Cell
-from .train import TrainConfig
+from .config import TrainConfig
 
 
 class ParamError(ValueError):

@@ -33,7 +33,9 @@ from .io import write_json
 from .methods import Method, build, load_trained, save_trained
 from .methods.base import NOT_IDENTITY
 from .results import harmonic_mean
-from .train import TrainConfig, evaluate, image_features, resolve_device, set_seed
+from .config import TrainConfig
+from .runtime import image_features, resolve_device, set_seed
+from .train import evaluate
 
 PROTOCOLS = ("base_to_novel", "cross_dataset", "domain_generalization", "multi_source_dg")
 TARGET_PARTS = ("test", "all")  # multi_source_dg: the held-out domain's test part, or all its images

@@ -9,7 +9,9 @@ from PIL import Image
 from glad_core.data import Datum, ImageDataset
 from glad_core.results import harmonic_mean
 from glad_core.methods import REGISTRY, Method, build
-from glad_core.train import TrainConfig, evaluate, train, train_transform
+from glad_core.config import TrainConfig
+from glad_core.runtime import train_transform
+from glad_core.train import evaluate, train
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
@@ -78,8 +80,9 @@ def test_harmonic_mean():
 
 def test_short_glad_run_on_glad_mini_improves_training_accuracy(tmp_path):
     """GLAD on the pretrained glad-mini and real Tux Paint photos: the fit of the training images rises."""
-    from glad_core.datasets import fewshot
-    from glad_core.demo_data import DemoDataUnavailable, load_demo, prepare_demo_data
+    from glad_core.datasets import fewshot, load_dataset
+    from glad_core.debian import DemoDataUnavailable
+    from glad_core.prepare import prepare_demo_data
     from glad_core.models import load_backbone
 
     try:
@@ -87,7 +90,7 @@ def test_short_glad_run_on_glad_mini_improves_training_accuracy(tmp_path):
     except DemoDataUnavailable as e:
         pytest.skip(f"demo data unavailable here: {e}")
     clip, preprocess, tokenizer = load_backbone("glad-mini")
-    split = fewshot(load_demo("tuxpaint"), shots=4, seed=1, cache=tmp_path)
+    split = fewshot(load_dataset("tuxpaint"), shots=4, seed=1, cache=tmp_path)
     model = build(clip, tokenizer, TrainConfig(method="glad", device="cpu", epochs=4, batch_size=8,
                                                lr=2e-3, aug_scale_min=0.8))
 

@@ -47,9 +47,10 @@ from ..encode import class_text_features
 from ..gradreg import MODES
 from ..io import atomic_path
 from ..lora import merge_lora, unmerge_lora
+from ..train import TrainResult, train
 
 if TYPE_CHECKING:
-    from ..train import TrainConfig, TrainResult
+    from ..config import TrainConfig
 
 Check = Callable[[Any], "str | None"]
 
@@ -359,12 +360,10 @@ class Method(nn.Module):
 
     def fit(self, items: Sequence, classnames: Sequence[str], templates: Sequence[str], *,
             val_items: Sequence | None = None, checkpoint: str | Path | None = None,
-            progress: bool = True) -> "TrainResult":
+            progress: bool = True) -> TrainResult:
         """Train on `items` (resuming from `checkpoint` where the loop saves one): the shared loop of
         `glad_core.train.train`, which does not use the sources' val pools (`val_items`, given by the
         leave-one-domain-out protocol); a method with stages, or one trained on the val pools, overrides it."""
-        from ..train import train
-
         return train(self, items, classnames, templates, checkpoint=checkpoint, progress=progress)
 
 

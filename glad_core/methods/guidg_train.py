@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
@@ -14,10 +15,20 @@ from ..datasets import DatasetError, split_per_class
 from ..domains import split_subdomains
 from ..gradreg import GradRegStep
 from ..prompts import PromptLearner
-from ..train import TrainResult, autocast, check_finite, image_features, resolve_device, set_seed, train_transform
+from ..runtime import autocast, image_features, resolve_device, set_seed, train_transform
+from ..train import TrainResult, check_finite
 
 if TYPE_CHECKING:
-    from .guidg import GuiDG, Pool
+    from .guidg import GuiDG
+
+@dataclass
+class Pool:
+    """One source domain: its expert-training items and its val (guidance) items."""
+
+    name: str
+    train: list
+    val: list
+
 
 EXPERT_SCALE_MIN = 0.7  # GuiDG's experts: RandomResizedCrop(224, scale (0.7, 1)) + horizontal flip
 
@@ -45,11 +56,9 @@ def _by_class(items: Sequence[Datum]) -> list[list[Datum]]:
 
 
 def source_pools(items: Sequence[Datum], classnames: Sequence[str], templates: Sequence[str],
-                 val_items: Sequence[Datum] | None, subdomains: int, seed: int) -> list["Pool"]:
+                 val_items: Sequence[Datum] | None, subdomains: int, seed: int) -> list[Pool]:
     """One pool per source domain (in order of appearance); one source (or none named) is dealt into
     `subdomains` random sub-domains, its val items included (Algorithm 1)."""
-    from .guidg import Pool
-
     names = list(dict.fromkeys(d.domain for d in items))
     if len(names) <= 1:
         source = Splits(names[0] if names and names[0] else "source", list(classnames), list(templates),
@@ -89,7 +98,7 @@ def expert_step(method: "GuiDG", learner: PromptLearner, optimizer: torch.optim.
     return loss
 
 
-def train_expert(method: "GuiDG", pool: "Pool", classnames: Sequence[str], progress: bool) -> tuple[torch.Tensor, dict]:
+def train_expert(method: "GuiDG", pool: Pool, classnames: Sequence[str], progress: bool) -> tuple[torch.Tensor, dict]:
     """A CoOp expert on the frozen pretrained backbone: the selected context [M, d] and its history."""
     cfg, hp = method.cfg, method.hp
     device = resolve_device(cfg.device)
@@ -135,15 +144,13 @@ def step2_classifiers(method: "GuiDG", contexts: Sequence[torch.Tensor] | None, 
                       templates: Sequence[str]) -> torch.Tensor:
     """Step 2's fixed classifiers [K, C, D], computed once: the experts' (their contexts installed with a
     fresh cross-modal attention) or, unguided, the hand-written prompts' (K = 1)."""
-    from .guidg import CrossModalAttention
-
     device = resolve_device(method.cfg.device)
     if contexts is None:
         with torch.no_grad(), method.zero_shot(), autocast(device, method.cfg.precision):
             return method.prompt_features(classnames, templates)[None].float()
     method.ctx = nn.Parameter(torch.stack(list(contexts)), requires_grad=False)
     method.expert_text = expert_features(method, method.ctx, classnames)
-    method.attn = CrossModalAttention(method.expert_text.shape[-1], len(classnames), method.hp["heads"]).to(device)
+    method.attn = method.new_attention(method.expert_text.shape[-1], len(classnames)).to(device)
     return method.expert_text
 
 

@@ -308,7 +308,7 @@ class MuGCP(CoOp):
             from open_clip.transform import PreprocessCfg, image_transform_v2
 
             from ..descriptions import frozen_image_features
-            from ..train import resolve_device
+            from ..runtime import resolve_device
 
             self.to(resolve_device(self.cfg.device))
             transform = image_transform_v2(PreprocessCfg(**self.clip.visual.preprocess_cfg), is_train=False)
