@@ -1,4 +1,5 @@
-# Two commands: `make demo` (main job on the embedded default) and `make test` (the test suite).
+# Two commands: `make demo` (main job on the embedded default) and `make test` (the test suite;
+# `make test-fast` skips its slow tiers).
 # Both create .venv when missing, install the project, and prepare glad-mini and the demo data.
 # `make lab` opens the notebooks in JupyterLab (LAB_PORT, LAB_ARGS: see README, "JupyterLab").
 PYTHON ?= python3
@@ -15,7 +16,7 @@ JUPYTER_ENV := JUPYTER_CONFIG_DIR=$(CURDIR)/.cache/jupyter/config JUPYTER_DATA_D
 	JUPYTER_RUNTIME_DIR=$(CURDIR)/.cache/jupyter/runtime IPYTHONDIR=$(CURDIR)/.cache/ipython \
 	MPLCONFIGDIR=$(CURDIR)/.cache/matplotlib
 
-.PHONY: install prepare demo test bench lab browser clean
+.PHONY: install prepare demo test test-fast bench lab browser clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,8 +44,12 @@ browser:
 test: prepare browser
 	$(PY) -m pytest
 
+# The edit-test loop: everything but the slow tiers (markers in pyproject.toml); `make test` is the full gate.
+test-fast: prepare
+	$(PY) -m pytest -m "not (notebook or cluster or browser or benchmark or slow)"
+
 bench: prepare
-	$(PY) benchmarks/run.py
+	$(PY) -m benchmarks.run
 
 # Bound to 127.0.0.1 with Jupyter's token kept: the browser opens on the URL that carries it.
 # MPLBACKEND is left to the kernel (inline figures).

@@ -1,9 +1,9 @@
 """Batch runs on Dask: cells per minute on a local cluster of 2 workers x 1 thread against 1 worker
 x 1 thread (the speed-up; target >= 1.7 on 2 cores), and the scheduling overhead per cell.
 
-    python benchmarks/cluster.py                  # the smoke grid, its 6 methods (a few minutes on 2 cores)
-    python benchmarks/cluster.py --grid demo      # params/demo/base_to_novel.yaml: longer cells
-    python benchmarks/cluster.py --smoke          # cells that sleep 1 s: checks the script in seconds
+    python -m benchmarks.cluster                  # the smoke grid, its 5 methods (a few minutes on 2 cores)
+    python -m benchmarks.cluster --grid demo      # params/demo/base_to_novel.yaml: longer cells
+    python -m benchmarks.cluster --smoke          # cells that sleep 1 s: checks the script in seconds
 
 Each configuration gets a fresh local cluster (started before the clock starts) and a fresh results
 folder, and runs the whole grid through `glad_core.cluster.run`, as `python -m glad_core.batch
@@ -15,7 +15,6 @@ the load average is printed with the numbers.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -24,15 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import cloudpickle
+from distributed import Client
 
-import cloudpickle  # noqa: E402
-from distributed import Client  # noqa: E402
-
-from glad_core import cluster  # noqa: E402
-from glad_core import jobs as J  # noqa: E402
-from glad_core.train import METHODS  # noqa: E402
+from benchmarks.common import ROOT, parser
+from glad_core import cluster
+from glad_core import jobs as J
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this file
 GRIDS = {"smoke": ROOT / "params" / "smoke" / "base_to_novel.yaml",
@@ -92,11 +88,10 @@ def _timed(jobs: Sequence[J.Job], client: Client, task: Callable[[J.Job], None] 
 
 
 def measure(grid: str = "smoke", empty: int = 300, smoke: bool = False) -> ClusterBench:
-    """Time the grid (every method of its file, one seed) and `empty` empty cells on 1 and 2 workers."""
+    """Time the grid (the cells of its file, seed 1) and `empty` empty cells on 1 and 2 workers."""
     with tempfile.TemporaryDirectory() as tmp:
         def jobs(name: str, **overrides) -> list[J.Job]:
-            return J.plan([GRIDS[grid]], {"methods": list(METHODS), "seeds": [1],
-                                              "results_dir": str(Path(tmp) / name), **overrides})
+            return J.plan([GRIDS[grid]], {"seeds": [1], "results_dir": str(Path(tmp) / name), **overrides})
 
         cells = jobs("warm-up")
         if not smoke:  # file caches warm, before either configuration is timed
@@ -115,11 +110,11 @@ def measure(grid: str = "smoke", empty: int = 300, smoke: bool = False) -> Clust
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grid", choices=sorted(GRIDS), default="smoke", help="parameter file of the cells")
-    parser.add_argument("--empty", type=int, default=300, help="empty cells for the scheduling overhead")
-    parser.add_argument("--smoke", action="store_true", help="sleeping cells instead of notebooks: in seconds")
-    args = parser.parse_args(argv)
+    cli = parser(__doc__)
+    cli.add_argument("--grid", choices=sorted(GRIDS), default="smoke", help="parameter file of the cells")
+    cli.add_argument("--empty", type=int, default=300, help="empty cells for the scheduling overhead")
+    cli.add_argument("--smoke", action="store_true", help="sleeping cells instead of notebooks: in seconds")
+    args = cli.parse_args(argv)
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     bench = measure(args.grid, args.empty, args.smoke)
     print(bench.table())

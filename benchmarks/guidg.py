@@ -1,10 +1,10 @@
 """GuiDG benchmarks: a step-2 iteration of `clipood+guidg` against `clipood`, and images per second of
 both training stages.
 
-    python benchmarks/guidg.py                           # glad-mini and a random ViT-B-16
-    python benchmarks/guidg.py --models glad-mini --rounds 7
-    python benchmarks/guidg.py --device cuda --models ViT-B-16
-    python benchmarks/guidg.py --smoke                   # tiny model, one round: checks the script runs
+    python -m benchmarks.guidg                           # glad-mini and a random ViT-B-16
+    python -m benchmarks.guidg --models glad-mini --rounds 7
+    python -m benchmarks.guidg --device cuda --models ViT-B-16
+    python -m benchmarks.guidg --smoke                   # tiny model, one round: checks the script runs
 
 Step 2 runs through `glad_core.methods.guidg_train.guided_step` (the tuned image tower on one batch
 per source domain in one call, the guided loss against fixed classifiers, AdamW) on the same images
@@ -17,28 +17,20 @@ of CLIPood is not part of a step (it is a parameter copy after it) and is timed 
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import os
 import statistics
 import sys
-import tempfile
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
-
-from glad_core.gradreg import GradRegStep  # noqa: E402
-from glad_core.methods import build  # noqa: E402
-from glad_core.methods.guidg_train import expert_step, guided_step, step2_classifiers  # noqa: E402
-from glad_core.prompts import PromptLearner  # noqa: E402
-from glad_core.config import TrainConfig  # noqa: E402
-from prompts import SMOKE_CONFIG, SMOKE_MODEL, classnames, load, table  # noqa: E402
-from timing import interleave  # noqa: E402
+from benchmarks.common import SMOKE_MODEL, image_size, load_model, parser, smoke_config, table, write_rows
+from benchmarks.common import imagenet_names as classnames
+from benchmarks.timing import interleave
+from glad_core.gradreg import GradRegStep
+from glad_core.methods import build
+from glad_core.methods.guidg_train import expert_step, guided_step, step2_classifiers
+from glad_core.prompts import PromptLearner
+from glad_core.config import TrainConfig
 
 SOURCES = 3  # a leave-one-out run on a four-domain set (PACS, VLCS, OfficeHome, TerraIncognita, mini-PACS)
 
@@ -68,10 +60,9 @@ def guided(name: str, clip, tokenizer, names: list[str], device: str, batch: int
 
 
 def run(model: str, batch: int, classes: int, rounds: int, device: str, tune: str, config_dir: str | None) -> list[dict]:
-    clip, tokenizer = load(model, device, config_dir)
+    clip, _, tokenizer = load_model(model, device, config_dir)
     names = classnames(classes)
-    size = clip.visual.preprocess_cfg["size"]
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    size = image_size(clip)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(SOURCES * batch, 3, *size, generator=g).to(device)
     labels = torch.randint(0, classes, (SOURCES * batch,), generator=g).to(device)
@@ -101,28 +92,23 @@ def run(model: str, batch: int, classes: int, rounds: int, device: str, tune: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="glad-mini,ViT-B-16", help="comma-separated backbones")
-    parser.add_argument("--batch", type=int, default=12, help="images per source domain and step (GuiDG: 12)")
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--tune", default="full", choices=("full", "lora"))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--smoke", action="store_true", help="tiny model, small sizes, one round")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
-    args = parser.parse_args(argv)
-    config_dir, models = None, [m.strip() for m in args.models.split(",") if m.strip()]
+    cli = parser(__doc__, "smoke", "device", "json")
+    cli.add_argument("--models", default="glad-mini,ViT-B-16", help="comma-separated backbones")
+    cli.add_argument("--batch", type=int, default=12, help="images per source domain and step (GuiDG: 12)")
+    cli.add_argument("--classes", type=int, default=10)
+    cli.add_argument("--rounds", type=int, default=5)
+    cli.add_argument("--tune", default="full", choices=("full", "lora"))
+    args = cli.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
     if args.smoke:
-        config_dir = tempfile.mkdtemp()
-        (Path(config_dir) / f"{SMOKE_MODEL}.json").write_text(json.dumps(SMOKE_CONFIG))
         models, args.batch, args.classes, args.rounds = [SMOKE_MODEL], 2, 3, 1
     out = {}
-    for model in models:
-        rows = run(model, args.batch, args.classes, args.rounds, args.device, args.tune, config_dir)
-        print(table(model, rows), flush=True)
-        out[model] = rows
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+    with smoke_config(args.smoke) as config_dir:
+        for model in models:
+            rows = run(model, args.batch, args.classes, args.rounds, args.device, args.tune, config_dir)
+            print(table(model, rows), flush=True)
+            out[model] = rows
+    write_rows(args.json, out)
     return 0
 
 

@@ -1,25 +1,23 @@
 """Peak-memory probes that run in a fresh process: RSS sampling, and AlignNet logits at scale.
 
-    python benchmarks/memory.py '{"dim": 512, "batch": 64, "classes": 1000, "chunk": 256, "grad": false}'
+    python -m benchmarks.memory --child '{"dim": 512, "batch": 64, "classes": 1000, "chunk": 256, "grad": false}'
 
 Kept apart from run.py so that a probe process imports only torch and glad_core.alignnet.
 """
 from __future__ import annotations
 
-import json
 import os
 import resource
 import sys
 import threading
-from pathlib import Path
+from typing import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from glad_core.alignnet import AlignNet  # noqa: E402
+from benchmarks.common import child, parser
+from glad_core.alignnet import AlignNet
 
 MB = 2 ** 20
 
@@ -68,6 +66,15 @@ def alignnet_peak(spec: dict) -> dict:
                 net.logits(f_i, f_t, 10.0, chunk=spec["chunk"])
     return {"start_mb": m.start / MB, "peak_mb": m.peak / MB}
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cli = parser(__doc__, "threads", "child")
+    args = cli.parse_args(argv)
+    if not args.child:
+        cli.error("give the probe as --child JSON (see above)")
+    torch.set_num_threads(args.threads)
+    return child(alignnet_peak, args.child)
+
+
 if __name__ == "__main__":
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    print(json.dumps(alignnet_peak(json.loads(sys.argv[1]))))
+    sys.exit(main())

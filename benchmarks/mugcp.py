@@ -1,9 +1,9 @@
 """MuGCP benchmarks: a MuGCP training step against a CoCoOp step on the same batch, and evaluation on
 1000 classes in chunks of prompts.
 
-    python benchmarks/mugcp.py                       # glad-mini, batch 8, 50 classes, 1000-class evaluation
-    python benchmarks/mugcp.py --device cuda --batch 32
-    python benchmarks/mugcp.py --smoke               # tiny model, one round: checks the script runs
+    python -m benchmarks.mugcp                       # glad-mini, batch 8, 50 classes, 1000-class evaluation
+    python -m benchmarks.mugcp --device cuda --batch 32
+    python -m benchmarks.mugcp --smoke               # tiny model, one round: checks the script runs
 
 Both methods run through `glad_core.train.Step` (image tower, per-image class embeddings [B, C, D] in
 one text-tower call, loss, backward, optimizer step) on the same images and labels, CE only
@@ -14,27 +14,19 @@ a batch on 1000 ImageNet class names with `prompt_chunk` prompts per text-tower 
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
 import sys
-import tempfile
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
-
-from glad_core.data import Datum  # noqa: E402
-from glad_core.descriptions import DescriptionProvider, Descriptions  # noqa: E402
-from glad_core.methods import build  # noqa: E402
-from glad_core.config import TrainConfig  # noqa: E402
-from glad_core.train import Step  # noqa: E402
-from prompts import SMOKE_CONFIG, SMOKE_MODEL, classnames, load, table  # noqa: E402
-from timing import interleave  # noqa: E402
+from benchmarks.common import SMOKE_MODEL, image_size, load_model, parser, smoke_config, table, write_rows
+from benchmarks.common import imagenet_names as classnames
+from benchmarks.timing import interleave
+from glad_core.data import Datum
+from glad_core.descriptions import DescriptionProvider, Descriptions
+from glad_core.methods import build
+from glad_core.config import TrainConfig
+from glad_core.train import Step
 
 WORDS = "a small bright object with round edges lying on a wooden table near the window".split()
 
@@ -52,11 +44,10 @@ def method(name: str, clip, tokenizer, device: str, **kw):
 
 
 def run(model: str, batch: int, classes: int, n_rounds: int, device: str, chunk: int, config_dir: str | None) -> list[dict]:
-    clip, tokenizer = load(model, device, config_dir)
+    clip, _, tokenizer = load_model(model, device, config_dir)
     names = classnames(classes)
     items, provider = batch_items(batch, names)
-    size = clip.visual.preprocess_cfg["size"]
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    size = image_size(clip)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, *size, generator=g).to(device)
     labels = torch.randint(0, classes, (batch,), generator=g).to(device)
@@ -111,25 +102,19 @@ def run(model: str, batch: int, classes: int, n_rounds: int, device: str, chunk:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="glad-mini")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--classes", type=int, default=50)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--chunk", type=int, default=1000, help="prompts per text-tower call in evaluation")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--smoke", action="store_true", help="tiny model, small sizes, one round")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
-    args = parser.parse_args(argv)
-    config_dir = None
+    cli = parser(__doc__, "smoke", "device", "json")
+    cli.add_argument("--model", default="glad-mini")
+    cli.add_argument("--batch", type=int, default=8)
+    cli.add_argument("--classes", type=int, default=50)
+    cli.add_argument("--rounds", type=int, default=7)
+    cli.add_argument("--chunk", type=int, default=1000, help="prompts per text-tower call in evaluation")
+    args = cli.parse_args(argv)
     if args.smoke:
-        config_dir = tempfile.mkdtemp()
-        (Path(config_dir) / f"{SMOKE_MODEL}.json").write_text(json.dumps(SMOKE_CONFIG))
         args.model, args.batch, args.classes, args.rounds, args.chunk = SMOKE_MODEL, 2, 5, 1, 300
-    rows = run(args.model, args.batch, args.classes, args.rounds, args.device, args.chunk, config_dir)
+    with smoke_config(args.smoke) as config_dir:
+        rows = run(args.model, args.batch, args.classes, args.rounds, args.device, args.chunk, config_dir)
     print(table(args.model, rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    write_rows(args.json, rows)
     return 0
 
 

@@ -1,9 +1,9 @@
 """Prompt-learning benchmarks: CoCoOp's per-image class embeddings batched vs looped, and peak memory.
 
-    python benchmarks/prompts.py                     # glad-mini, batch 8, 50 classes; memory on 1000 classes
-    python benchmarks/prompts.py --model ViT-B-16    # any open_clip model (random init)
-    python benchmarks/prompts.py --device cuda --sections speed   # step times on a GPU
-    python benchmarks/prompts.py --smoke             # tiny model, one round: checks the script runs
+    python -m benchmarks.prompts                     # glad-mini, batch 8, 50 classes; memory on 1000 classes
+    python -m benchmarks.prompts --model ViT-B-16    # any open_clip model (random init)
+    python -m benchmarks.prompts --device cuda --sections speed   # step times on a GPU
+    python -m benchmarks.prompts --smoke             # tiny model, one round: checks the script runs
 
 CoCoOp gives every image its own context v_m + π(f(x)), hence its own class embeddings [B, C, D].
 Its original trainer loops over the images (B text-tower calls of C prompts); `PromptLearner`
@@ -16,53 +16,20 @@ CoCoOp's published batch size 1.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-import open_clip  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from glad_core.prompts import PromptLearner, meta_net  # noqa: E402
-from memory import MB, PeakRSS  # noqa: E402
-from timing import interleave  # noqa: E402
-
-SMOKE_MODEL = "glad-prompts-tiny"
-SMOKE_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8, "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-
-
-def classnames(n: int) -> list[str]:
-    """`n` ImageNet class names spread over the 1000 (real names: one to several tokens each)."""
-    names = open_clip.IMAGENET_CLASSNAMES
-    return [names[i * len(names) // n] for i in range(n)]
-
-
-def load(name: str, device: str = "cpu", config_dir: str | None = None) -> tuple[nn.Module, Callable]:
-    """(model, tokenizer): glad-mini with its weights, other open_clip models random-init (seed 0)."""
-    torch.manual_seed(0)
-    if name == "glad-mini":
-        from glad_core.models import load_backbone
-        model, _, tokenizer = load_backbone(name, device=device)
-        return model.eval(), tokenizer
-    if config_dir is not None:
-        open_clip.add_model_config(config_dir)
-    return open_clip.create_model(name, pretrained=None).to(device).eval(), open_clip.get_tokenizer(name)
+from benchmarks.common import SMOKE_MODEL, child, load_model, run_children, smoke_config, table, write_rows
+from benchmarks.common import imagenet_names as classnames
+from benchmarks.common import parser as cli
+from benchmarks.memory import MB, PeakRSS
+from benchmarks.timing import interleave
+from glad_core.prompts import PromptLearner, meta_net
 
 
 class CoCoOpStep:
@@ -122,9 +89,9 @@ def speed_rows(name: str, clip: nn.Module, tokenizer: Callable, batch: int, clas
     ]
 
 
-def child(spec: dict) -> dict:
+def child_peak(spec: dict) -> dict:
     """Peak RSS of one evaluation batch (no_grad) or one training step on `classes` classes, in this process."""
-    clip, tokenizer = load(spec["model"], config_dir=spec.get("config_dir"))
+    clip, _, tokenizer = load_model(spec["model"], config_dir=spec.get("config_dir"))
     bench = CoCoOpStep(clip, tokenizer, spec["classes"], spec["batch"])
     warm = PromptLearner(clip, tokenizer, classnames(2))
     with torch.no_grad():
@@ -139,25 +106,13 @@ def child(spec: dict) -> dict:
             "width": bench.learner.d_token}
 
 
-def run_children(specs: list[dict], threads: int) -> list[dict]:
-    """Each spec in its own fresh process, one after the other (RSS is per process; see memory.py)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-    results = []
-    for spec in specs:
-        out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
-                             capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"benchmark child {spec} failed:\n{out.stderr[-3000:]}")
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    return results
-
-
 def memory_rows(name: str, batch: int, chunk: int, threads: int, config_dir: str | None) -> list[dict]:
     """Chunked vs one-call evaluation on 1000 classes, and a training step at batch 1."""
     base = {"model": name, "classes": 1000, "config_dir": config_dir}
-    chunked, whole, train = run_children([{**base, "batch": batch, "chunk": chunk, "grad": False},
-                                          {**base, "batch": batch, "chunk": None, "grad": False},
-                                          {**base, "batch": 1, "chunk": None, "grad": True}], threads)
+    chunked, whole, train = run_children([("prompts", {**base, "batch": batch, "chunk": chunk, "grad": False}),
+                                          ("prompts", {**base, "batch": batch, "chunk": None, "grad": False}),
+                                          ("prompts", {**base, "batch": 1, "chunk": None, "grad": True})],
+                                         threads, parallel=False)
     inc = [c["peak_mb"] - c["start_mb"] for c in (chunked, whole, train)]
     layer = batch * 1000 * chunked["tokens"] * chunked["width"] * 4 / MB
     return [
@@ -170,44 +125,33 @@ def memory_rows(name: str, batch: int, chunk: int, threads: int, config_dir: str
     ]
 
 
-def table(name: str, rows: list[dict]) -> str:
-    lines = ["| model | measurement | value | target | met | note |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        met = "n/a" if r["met"] is None else ("yes" if r["met"] else "**no**")
-        lines.append(f"| {name} | {r['what']} | {r['value']} | {r['target']} | {met} | {r['note']} |")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = cli(__doc__, "smoke", "device", "threads", "json", "child")
     parser.add_argument("--model", default="glad-mini")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--classes", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--eval-batch", type=int, default=8, help="images per evaluation batch (1000 classes)")
     parser.add_argument("--chunk", type=int, default=1000, help="prompts per text-tower call in chunked evaluation")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--sections", default="speed,memory", help="comma-separated: speed, memory")
-    parser.add_argument("--smoke", action="store_true", help="tiny model, one round, small sizes")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(child(json.loads(args.child))))
-        return 0
-    with tempfile.TemporaryDirectory() as config_dir:
+        return child(child_peak, args.child)
+    sections = [x.strip() for x in args.sections.split(",") if x.strip()]
+    if set(sections) - {"speed", "memory"}:
+        parser.error(f"unknown sections {sorted(set(sections) - {'speed', 'memory'})}; choose from speed, memory")
+    with smoke_config(args.smoke) as config_dir:
         if args.smoke:
-            (Path(config_dir) / f"{SMOKE_MODEL}.json").write_text(json.dumps(SMOKE_CONFIG))
             args.model, args.batch, args.classes, args.rounds, args.eval_batch, args.chunk = SMOKE_MODEL, 2, 5, 1, 2, 500
-        cfg = config_dir if args.smoke else None
-        sections, rows = args.sections.split(","), []
+        rows = []
         if "speed" in sections:
-            clip, tokenizer = load(args.model, args.device, cfg)
+            clip, _, tokenizer = load_model(args.model, args.device, config_dir)
             rows += speed_rows(args.model, clip, tokenizer, args.batch, args.classes, args.rounds, args.device)
         if "memory" in sections:
-            rows += memory_rows(args.model, args.eval_batch, args.chunk, args.threads, cfg)
+            rows += memory_rows(args.model, args.eval_batch, args.chunk, args.threads, config_dir)
     print(table(args.model, rows))
+    write_rows(args.json, rows)
     return 0
 
 

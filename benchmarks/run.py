@@ -1,9 +1,9 @@
 """Performance benchmarks of glad_core: training-step ratios, inference and evaluation throughput,
 text-tower cost, peak memory; a GPU section when CUDA is present.
 
-    python benchmarks/run.py                          # ViT-B-32 and glad-mini, writes benchmarks/RESULTS.md
-    python benchmarks/run.py --quick                  # fewer repeats
-    python benchmarks/run.py --models ViT-B-32 --out benchmarks/RESULTS.md
+    python -m benchmarks.run                          # ViT-B-32 and glad-mini, writes benchmarks/RESULTS.md
+    python -m benchmarks.run --quick                  # fewer repeats
+    python -m benchmarks.run --models ViT-B-32 --out benchmarks/RESULTS.md
 
 Models are random-init (speed and memory do not depend on the weights). Every ratio is measured
 side by side in one run on the same inputs: warm-up calls first, then rounds in which each
@@ -12,13 +12,10 @@ Peak memory (RSS) is measured in a fresh process per configuration. `--smoke` ru
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,39 +26,30 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import numpy as np
+import torch
+import torch.nn.functional as F
+from open_clip.hf_model import HFTextEncoder
+from PIL import Image
+from torch import nn
 
-import numpy as np  # noqa: E402
-import open_clip  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from open_clip.hf_model import HFTextEncoder  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch import nn  # noqa: E402
-
-import glad_core  # noqa: E402
-import glad_core.protocols  # noqa: E402
-from glad_core.data import Datum  # noqa: E402
-from glad_core.encode import encode_text, prompts, trim_padding  # noqa: E402
-from glad_core.gradreg import MODES, GradRegStep  # noqa: E402
-from glad_core.lora import merge_lora, unmerge_lora  # noqa: E402
-from glad_core.methods import build  # noqa: E402
-from glad_core.config import TrainConfig  # noqa: E402
-from glad_core.train import Step, evaluate  # noqa: E402
-from memory import MB, PeakRSS  # noqa: E402
-from timing import interleave  # noqa: E402
+import glad_core
+import glad_core.protocols
+from benchmarks.common import ROOT, SMOKE_MODEL, child, image_size, load_model, run_children, smoke_config
+from benchmarks.common import parser as cli
+from benchmarks.memory import MB, PeakRSS
+from benchmarks.timing import interleave
+from glad_core.data import Datum
+from glad_core.encode import encode_text, prompts, trim_padding
+from glad_core.gradreg import MODES, GradRegStep
+from glad_core.lora import merge_lora, unmerge_lora
+from glad_core.methods import build
+from glad_core.config import TrainConfig
+from glad_core.train import Step, evaluate
 
 TEMPLATES = ["a photo of a {}."]
 WORDS = ("red", "small", "wooden", "house", "striped", "cat", "sports", "car", "garden", "flower", "old",
          "bridge", "spotted", "bird", "stone", "tower")
-SMOKE_MODEL = "glad-bench-tiny"
-SMOKE_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
 
 
 @dataclass(frozen=True)
@@ -102,24 +90,6 @@ class Row:
 def classnames(n: int) -> list[str]:
     """`n` class names of one to four words (prompt lengths vary like real class lists)."""
     return [" ".join(WORDS[(7 * i + j) % len(WORDS)] for j in range(1 + i % 4)) for i in range(n)]
-
-
-def load_model(name: str, config_dir: str | None = None) -> tuple[nn.Module, Callable, Callable]:
-    """(model, preprocess, tokenizer), random init with seed 0; glad-mini comes from glad_core.models."""
-    torch.manual_seed(0)
-    if name == "glad-mini":
-        from glad_core.models import load_backbone
-        model, preprocess, tokenizer = load_backbone("glad-mini", device="cpu")
-        return model.eval(), preprocess, tokenizer
-    if config_dir is not None:
-        open_clip.add_model_config(config_dir)
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
-    return model.eval(), preprocess, open_clip.get_tokenizer(name)
-
-
-def image_size(model: nn.Module) -> tuple[int, int]:
-    size = model.visual.preprocess_cfg["size"]
-    return (size, size) if isinstance(size, int) else tuple(size)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -411,7 +381,7 @@ class _Saved:
 def child_step(spec: dict) -> dict:
     """Peak RSS of training steps in this (fresh) process, and whether pass 1's graph is freed early."""
     s = Settings(**spec["settings"])
-    clip, _, tokenizer = load_model(spec["model"], spec.get("config_dir"))
+    clip, _, tokenizer = load_model(spec["model"], config_dir=spec.get("config_dir"))
     sb = StepBench(clip, tokenizer, s, method=spec["method"])
     with torch.no_grad():
         sb.model.clip.encode_image(sb.images[:1])
@@ -444,42 +414,16 @@ def child_step(spec: dict) -> dict:
             "alive_at_second_pass": max(alive) if alive else None}
 
 
-def run_children(specs: Sequence[dict], threads: int) -> list[dict]:
-    """Run each measurement in its own fresh Python process, all at once; returns their JSON results.
-
-    RSS is per process, so concurrent children do not change each other's numbers (only their speed).
-    glibc's mmap threshold is fixed at 128 KiB, so freed tensors leave the RSS at once: the RSS then
-    follows live memory instead of the allocator's history (its dynamic threshold keeps freed buffers).
-    """
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-    here = Path(__file__).resolve().parent
-
-    def command(spec: dict) -> list[str]:
-        if spec["kind"] == "alignnet":
-            return [sys.executable, str(here / "memory.py"), json.dumps(spec)]
-        return [sys.executable, str(here / "run.py"), "--child", json.dumps(spec), "--threads", str(threads)]
-
-    procs = [subprocess.Popen(command(spec), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for spec in specs]
-    results = []
-    for spec, proc in zip(specs, procs):
-        out, err = proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"benchmark child {spec} failed:\n{err[-3000:]}")
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    return results
-
-
 def memory_rows(name: str, config_dir: str | None, s: Settings, threads: int, dim: int) -> list[Row]:
     """Target 6 (GLAD step vs plain LoRA step) and the AlignNet part of target 5."""
     small, big = s.alignnet_chunk, 1000
-    base = {"kind": "step", "model": name, "config_dir": config_dir, "settings": vars(s), "steps": 2}
-    net = {"kind": "alignnet", "dim": dim, "batch": s.alignnet_batch, "grad": False}
+    base = {"model": name, "config_dir": config_dir, "settings": vars(s), "steps": 2}
+    net = {"dim": dim, "batch": s.alignnet_batch, "grad": False}
     sizes = ((small, small), (big, small), (big, big))
     plain, glad, *nets, train = run_children(
-        [{**base, "method": "lora", "mode": "none"}, {**base, "method": "glad", "mode": "gradreg"}]
-        + [{**net, "classes": c, "chunk": k} for c, k in sizes]
-        + [{**net, "batch": s.batch, "classes": big, "chunk": small, "grad": True}], threads)
+        [("run", {**base, "method": "lora", "mode": "none"}), ("run", {**base, "method": "glad", "mode": "gradreg"})]
+        + [("memory", {**net, "classes": c, "chunk": k}) for c, k in sizes]
+        + [("memory", {**net, "batch": s.batch, "classes": big, "chunk": small, "grad": True})], threads)
     inc_p, inc_g = plain["peak_mb"] - plain["start_mb"], glad["peak_mb"] - glad["start_mb"]
     r = inc_g / inc_p
     rows = [Row(name, "6a", f"peak RSS of a step (KL on): plain LoRA {plain['peak_mb']:.0f} MB (+{inc_p:.0f} over "
@@ -510,7 +454,7 @@ def gpu_rows(s: Settings, smoke: bool, config_dir: str | None) -> list[Row]:
                     "no GPU was available for this measurement")]
     rows = []
     for method, mode in (("lora", "none"), ("glad", "gradreg")):
-        clip, _, tokenizer = load_model(name, config_dir)
+        clip, _, tokenizer = load_model(name, config_dir=config_dir)
         sb = StepBench(clip, tokenizer, s, method=method, device="cuda", precision="bf16")
         torch.cuda.reset_peak_memory_stats()
         t = interleave({"step": sb.step(mode, kl=True)}, max(s.step_rounds, 5), warmup=("step", "step"),
@@ -590,9 +534,9 @@ def table(rows: Sequence[Row]) -> str:
 README = """\
 ## How to run
 
-    python benchmarks/run.py                    # full run (15-20 minutes on 2 CPU cores)
-    python benchmarks/run.py --quick            # fewer repeats
-    python benchmarks/run.py --models ViT-B-32 --out my-results.md
+    python -m benchmarks.run                    # full run (15-20 minutes on 2 CPU cores)
+    python -m benchmarks.run --quick            # fewer repeats
+    python -m benchmarks.run --models ViT-B-32 --out my-results.md
 
 Options: `--models` (comma-separated open_clip names, or `glad-mini` once `python -m glad_core
 prepare` has built it), `--threads` (torch threads, default all cores), `--out`, `--sections` (a
@@ -640,7 +584,7 @@ def write_results(path: Path, rows: Sequence[Row], env: dict[str, str], s: Setti
                + (": " + ", ".join(f"{r.model} #{r.key}" for r in missed) if missed else "") + ".")
     text = [
         "# Benchmarks", "",
-        f"Command: `{' '.join(['python benchmarks/run.py', *argv])}` ({seconds / 60:.1f} min).", "",
+        f"Command: `{' '.join(['python -m benchmarks.run', *argv])}` ({seconds / 60:.1f} min).", "",
         f"- Date: {env['date']}",
         f"- Machine: {env['machine']}; GPU: {env['gpu']}",
         f"- Versions: {env['versions']}",
@@ -659,21 +603,17 @@ def write_results(path: Path, rows: Sequence[Row], env: dict[str, str], s: Setti
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli(__doc__, "smoke", "threads", "child")
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
-    parser.add_argument("--smoke", action="store_true", help="tiny model, one repeat: checks the script runs")
     parser.add_argument("--models", default="ViT-B-32,glad-mini", help="comma-separated backbones")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"), help="results file")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated CPU sections to run (default all: {', '.join(SECTIONS)}); the GPU "
                              "section runs with 'gpu' in the list or by default")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(child_step(json.loads(args.child))))
-        return 0
+        return child(child_step, args.child)
     only = [x.strip() for x in args.sections.split(",") if x.strip()]
     unknown = sorted(set(only) - {*SECTIONS, "gpu"})
     if unknown:
@@ -682,24 +622,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t0, load_start = time.perf_counter(), load_average()
     s = SMOKE if args.smoke else QUICK if args.quick else FULL
-    with tempfile.TemporaryDirectory() as config_dir:
-        if args.smoke:
-            (Path(config_dir) / f"{SMOKE_MODEL}.json").write_text(json.dumps(SMOKE_CONFIG))
-            open_clip.add_model_config(config_dir)
+    with smoke_config(args.smoke) as config_dir:
         models = [SMOKE_MODEL] if args.smoke else [m.strip() for m in args.models.split(",") if m.strip()]
         rows: list[Row] = []
         skipped: list[str] = []
         for name in models:
             try:
-                loaded = load_model(name, config_dir if args.smoke else None)
+                loaded = load_model(name, config_dir=config_dir)
             except Exception as e:  # an optional backbone that is not built here: reported, not fatal
                 skipped.append(f"{name} ({type(e).__name__}: {e})")
                 print(f"skipping {name}: {e}", flush=True)
                 continue
             print(f"== {name}", flush=True)
-            rows += bench_model(name, loaded, s, args.threads, config_dir if args.smoke else None, args.smoke, only)
+            rows += bench_model(name, loaded, s, args.threads, config_dir, args.smoke, only)
         if gpu:
-            rows += gpu_rows(s, args.smoke, config_dir if args.smoke else None)
+            rows += gpu_rows(s, args.smoke, config_dir)
     env = environment(args.threads)
     print(table(rows))
     write_results(Path(args.out), rows, env, s, argv if argv is not None else sys.argv[1:],

@@ -398,6 +398,45 @@ def measure(record: dict, points: int = 11, span: float = 1.0, rho: float = 0.1,
                      grid=grid, surface=surface_2d(loss, params, d1, d2, grid))
 
 
+def check(landscapes: Sequence[Landscape], hessian_iters: int, hessian_tol: float) -> list[str]:
+    """The invariants every measurement must meet; raises AssertionError naming each one broken.
+
+    Finite values; the curve passes through θ and agrees with the surface's row β = 0 (the loss is
+    deterministic); the worst-case rise is >= 0 (ε = 0 lies in the ball); along d₁ the loss drops
+    no more than 5 % below L(θ) (θ is near a minimum); a converged top eigenvalue is positive (every
+    estimate is a Rayleigh quotient vᵀHv <= λ_max: unconverged, it is a lower bound). Returns a note
+    for each eigenvalue whose power iteration stopped before `hessian_tol`.
+    """
+    failures, notes = [], []
+    for ls in landscapes:
+        values = [ls.loss, ls.worst_case_rise, *ls.curve, *ls.surface.ravel()]
+        if not all(map(np.isfinite, values)):
+            failures.append(f"{ls.method}: non-finite values")
+        if not (np.isfinite(ls.top_eigenvalue) or hessian_iters == 0):
+            failures.append(f"{ls.method}: non-finite eigenvalue")
+        centre = len(ls.grid) // 2
+        if not (ls.grid[centre] == 0 and np.isclose(ls.curve[2 * centre], ls.loss, rtol=1e-6)):
+            failures.append(f"{ls.method}: the curve does not pass through θ")
+        if not np.allclose(ls.curve[::2], ls.surface[centre], rtol=1e-6):
+            failures.append(f"{ls.method}: the 1-D curve and the surface's row β = 0 disagree: the loss is not "
+                            "deterministic")
+        if not ls.worst_case_rise >= 0:
+            failures.append(f"{ls.method}: worst-case rise {ls.worst_case_rise:.4g} < 0, yet ε = 0 lies in the ball")
+        if not ls.curve.min() >= ls.loss - 0.05 * ls.loss:
+            failures.append(f"{ls.method}: along d₁ the loss drops more than 5% below L(θ) (min "
+                            f"{ls.curve.min():.4f} at α = {ls.alphas[ls.curve.argmin()]}): the tuned point is far "
+                            "from a minimum; train longer")
+        if not (ls.top_eigenvalue > 0 or not ls.eigenvalue_converged):
+            failures.append(f"{ls.method}: λ_max = {ls.top_eigenvalue:.4g} <= 0 means no positive curvature at all, "
+                            "impossible near a minimum; check the loss")
+        if hessian_iters > 0 and not ls.eigenvalue_converged:
+            notes.append(f"{ls.method}: power iteration stopped after hessian_iters = {hessian_iters} per phase, "
+                         f"before tol = {hessian_tol}; its top eigenvalue {ls.top_eigenvalue:.4g} is a lower bound")
+    if failures:
+        raise AssertionError("\n".join(failures))
+    return notes
+
+
 def sharpness_table(landscapes: Sequence[Landscape]) -> pd.DataFrame:
     """One row per method: training loss, worst-case rise, top Hessian eigenvalue (and whether its
     power iteration converged), and the record's accuracies (%)."""

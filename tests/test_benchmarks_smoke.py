@@ -1,4 +1,7 @@
-"""The benchmark scripts run end to end on a tiny model and write their rows (no timing checks)."""
+"""The benchmark scripts run end to end on a tiny model and write their rows (no timing checks).
+
+Each runs as `python -m benchmarks.<script> --smoke` from the project root, as documented.
+"""
 from __future__ import annotations
 
 import json
@@ -8,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "glad-bench-tiny"
+pytestmark = pytest.mark.benchmark
 ROWS = ("1a", "1b", "1c", "2", "3", "4a", "4b", "4c", "5a", "5b", "5c", "6a", "6b", "7", "9a")
 
 
@@ -24,11 +29,17 @@ def _rows(text: str) -> dict[str, list[list[str]]]:
     return out
 
 
+def _script(name: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m benchmarks.<name> *args` in the project root; fails the test on a non-zero exit."""
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args], capture_output=True, text=True,
+                          timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
 def test_smoke_run_prints_every_row_and_writes_results(tmp_path):
     out = tmp_path / "RESULTS.md"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--smoke", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _script("run", "--quick", "--smoke", "--out", str(out))
     printed = _rows(proc.stdout)
     assert set(printed) >= set(ROWS), sorted(set(ROWS) - set(printed))
 
@@ -48,15 +59,34 @@ def test_smoke_run_prints_every_row_and_writes_results(tmp_path):
         assert "no GPU was available for this measurement" in written["7"][0][6]
 
 
-@pytest.mark.parametrize("script, rows", [("mugcp.py", 3), ("guidg.py", 3)])
+@pytest.mark.parametrize("script, rows", [("mugcp", 3), ("guidg", 3), ("prompts", 4)])
 def test_method_benchmarks_smoke(script, rows, tmp_path):
     out = tmp_path / "rows.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _script(script, "--smoke", "--json", str(out))
     data = json.loads(out.read_text())
     written = [r for model_rows in (data.values() if isinstance(data, dict) else [data]) for r in model_rows]
     assert len(written) == rows
     for r in written:
         assert set(r) == {"what", "value", "target", "met", "note"} and r["met"] in (True, False, None), r
         assert r["what"] in proc.stdout  # printed as a table too
+    if script == "prompts":  # structural, not timing: the batched call gives the loop's features and gradients
+        equal = written[0]
+        assert equal["met"] is True and float(equal["value"]) <= 1e-5, equal
+        assert float(equal["note"].rsplit(" ", 1)[1]) <= 1e-4, equal  # gradients' max relative difference
+
+
+@pytest.mark.cluster
+def test_cluster_smoke_times_the_grid_on_one_and_two_workers():
+    """Local Dask clusters of 1 and 2 workers run the smoke grid's cells (sleeping 1 s) and empty cells."""
+    proc = _script("cluster", "--smoke", "--empty", "10")
+    lines = proc.stdout.splitlines()
+    cells = len(yaml.safe_load((ROOT / "params" / "smoke" / "base_to_novel.yaml").read_text())["methods"])
+    for w in (1, 2):
+        [row] = [x for x in lines if x.startswith(f"| smoke (sleeping cells) grid, {cells} cells, {w} worker(s)")]
+        per_minute = float(row.split("| ")[2].split(" cells/min")[0])
+        assert 0 < per_minute <= 60 * w * 1.05, row  # cells sleep 1 s each: at most one per second and worker
+        overhead_row = f"| scheduling overhead per empty cell, {w} worker(s) (10 cells)"
+        [overhead] = [x for x in lines if x.startswith(overhead_row)]
+        assert float(overhead.split("| ")[2].split(" ms")[0]) > 0, overhead
+    assert any(x.startswith("| speed-up, 2 workers against 1 |") for x in lines)
+    assert "cores; load average" in proc.stdout

@@ -42,6 +42,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 PANEL = "jupyterapp.shell.currentWidget"
 KERNEL = f"{PANEL}.sessionContext.session.kernel"
 STARTUP_S = 180  # JupyterLab or a kernel starting on a loaded 2-core machine
+pytestmark = pytest.mark.browser
 
 
 def chromium() -> str | None:

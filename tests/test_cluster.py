@@ -29,29 +29,6 @@ GRID = [str(SMOKE / "base_to_novel.yaml"), "--set", "methods=[zeroshot,lora]"]
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers need not import this module
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
-    """Environment of the batch processes (and their kernels): Jupyter / IPython state kept out of home."""
-    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-
-    try:
-        KernelSpecManager().get_kernel_spec("glad")
-    except NoSuchKernel:
-        pytest.fail(f"the notebooks' kernel 'glad' is not installed: {sys.executable} -m ipykernel install "
-                    f"--prefix {sys.prefix} --name glad (make install does it)")
-    from glad_core.debian import DemoDataUnavailable
-    from glad_core.prepare import prepare_demo_data
-
-    try:
-        prepare_demo_data(names=["tuxpaint"])
-    except DemoDataUnavailable as e:
-        pytest.skip(f"demo data unavailable here: {e}")
-    home = tmp_path_factory.mktemp("home")
-    return {**os.environ, "MPLBACKEND": "Agg", "IPYTHONDIR": str(home / "ipython"),
-            "MPLCONFIGDIR": str(home / "mpl"), "JUPYTER_CONFIG_DIR": str(home / "jupyter"),
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-
-
 def _batch(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "glad_core.batch", *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -76,10 +53,10 @@ def _check_complete(results: Path, expected: dict[str, dict]) -> None:
 
 
 @pytest.fixture(scope="module")
-def sequential(env, tmp_path_factory) -> dict[str, dict]:
+def sequential(jupyter_env, tmp_path_factory) -> dict[str, dict]:
     """The records of the smoke grid run the default way: in the batch process, one cell after another."""
     results = tmp_path_factory.mktemp("sequential")
-    p = _batch([*GRID, "--set", f"results_dir={results}"], env)
+    p = _batch([*GRID, "--set", f"results_dir={results}"], jupyter_env)
     out, err = p.communicate(timeout=900)
     assert p.returncode == 0, out + err
     records = _records(results)
@@ -87,11 +64,12 @@ def sequential(env, tmp_path_factory) -> dict[str, dict]:
     return records
 
 
-def test_a_cell_whose_worker_is_killed_runs_again_and_writes_its_record_once(env, sequential, tmp_path):
+@pytest.mark.cluster
+def test_a_cell_whose_worker_is_killed_runs_again_and_writes_its_record_once(jupyter_env, sequential, tmp_path):
     """Two workers write the sequential run's records, even when a worker dies in the middle of a cell."""
     import psutil
 
-    p = _batch([*GRID, "--set", f"results_dir={tmp_path}", "--workers", "2"], env)
+    p = _batch([*GRID, "--set", f"results_dir={tmp_path}", "--workers", "2"], jupyter_env)
     batch_process = psutil.Process(p.pid)
     deadline = time.monotonic() + 600
     kernel = None
@@ -147,6 +125,7 @@ def local_client():
             yield client
 
 
+@pytest.mark.cluster
 def test_units_stay_on_one_worker_and_each_worker_runs_one_cell_at_a_time(local_client, tmp_path):
     files = [SMOKE / f"{p}.yaml" for p in ("base_to_novel", "ablation", "cross_dataset", "domain_generalization")]
     jobs = J.plan(files, {"results_dir": str(tmp_path / "results"), "seeds": [1, 2]})
@@ -178,6 +157,7 @@ def _fail_lora(log: Path, job: J.Job) -> str | None:
     return J.failure(job, ValueError("no data")) if job.cell.train.method == "lora" else None
 
 
+@pytest.mark.cluster
 def test_a_cell_failure_is_reported_and_the_others_go_on(local_client, tmp_path):
     jobs = J.plan([SMOKE / "base_to_novel.yaml"], {"results_dir": str(tmp_path)})
     log = tmp_path / "log.txt"

@@ -234,6 +234,7 @@ def _mini_pacs_ready() -> bool:
     return (cache_dir() / "data" / "mini_pacs" / "split_glad_sketch_seed1.json").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _mini_pacs_ready(), reason="mini-PACS demo data not built (python -m glad_core prepare)")
 def test_leave_one_domain_out_on_mini_pacs(tmp_path):
     import pandas as pd

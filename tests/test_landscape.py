@@ -1,6 +1,8 @@
 """Loss landscapes and sharpness against closed forms on quadratics, and on a tiny CLIP with LoRA."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ from PIL import Image
 
 from glad_core.data import Datum
 from glad_core.gradreg import dot
-from glad_core.landscape import (filter_normalize, fixed_batches, hvp, loss_fn, norm, random_direction,
+from glad_core.landscape import (Landscape, check, filter_normalize, fixed_batches, hvp, loss_fn, norm, random_direction,
                                  surface_1d, surface_2d, top_eigenvalue_and_convergence, top_hessian_eigenvalue,
                                  value, value_and_grad, worst_case_rise)
 from glad_core.methods import Method, build
@@ -352,3 +354,35 @@ def test_fixed_batches_subset_is_seeded_and_ordered(tmp_path):
     reds = torch.cat([x[:, 0, 0, 0] for x, _ in a])
     assert torch.all(reds[1:] > reds[:-1])  # list order kept
     assert sum(len(y) for _, y in fixed_batches(items, transform, batch_size=4)) == 10
+
+
+def _landscape(**kw) -> Landscape:
+    """A landscape of L = 1 + α² + β² on a 3 x 3 grid (curve over 5 points), eigenvalue converged at 2."""
+    grid, alphas = np.array([-1.0, 0.0, 1.0]), np.array([-1.0, -0.5, 0.0, 0.5, 1.0])
+    values = dict(method="lora", metrics={"base": 0.5}, images=4, loss=1.0, worst_case_rise=0.01, top_eigenvalue=2.0,
+                  eigenvalue_converged=True, alphas=alphas, curve=1 + alphas ** 2, grid=grid,
+                  surface=1 + grid[None, :] ** 2 + grid[:, None] ** 2)
+    return Landscape(**{**values, **kw})
+
+
+def test_check_passes_a_sound_landscape_and_notes_an_unconverged_eigenvalue():
+    assert check([_landscape()], hessian_iters=4, hessian_tol=0.05) == []
+    assert check([_landscape(top_eigenvalue=float("nan"), eigenvalue_converged=False)], 0, 0.05) == []  # skipped
+    [note] = check([_landscape(eigenvalue_converged=False, top_eigenvalue=-0.3)], hessian_iters=4, hessian_tol=0.05)
+    assert "hessian_iters = 4" in note and "lower bound" in note
+
+
+@pytest.mark.parametrize("broken, message", [
+    (dict(loss=float("nan")), "non-finite values"),
+    (dict(top_eigenvalue=float("inf")), "non-finite eigenvalue"),
+    (dict(curve=1.5 + np.array([-1.0, -0.5, 0.0, 0.5, 1.0]) ** 2), "does not pass through θ"),
+    (dict(surface=np.ones((3, 3)) * 1.0 + np.eye(3)), "disagree: the loss is not deterministic"),
+    (dict(worst_case_rise=-1e-3), "worst-case rise -0.001 < 0"),
+    (dict(curve=np.array([0.5, 1.0, 1.0, 1.25, 2.0]), surface=np.array([[2, 2, 3], [0.5, 1.0, 2.0], [2, 2, 3]])),
+     "drops more than 5% below L(θ)"),
+    (dict(top_eigenvalue=-0.5), "no positive curvature"),
+])
+def test_check_names_each_broken_invariant(broken, message):
+    with pytest.raises(AssertionError, match=re.escape(message)) as e:
+        check([_landscape(), _landscape(method="glad", **broken)], hessian_iters=4, hessian_tol=0.05)
+    assert str(e.value).startswith("glad: ") and "lora" not in str(e.value)

@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import nbformat
 import pytest
@@ -28,37 +27,17 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 SANITIZE = Path(__file__).resolve().parent / "nbval_sanitize.cfg"
 CHECK = "# NBVAL_CHECK_OUTPUT"
 # notebook -> its smoke parameter file (None: the report, which only reads records)
-SMOKE_PARAMS = {"base_to_novel": "base_to_novel.yaml", "ablation": "ablation.yaml",
-                "cross_dataset": "cross_dataset.yaml", "domain_generalization": "domain_generalization.yaml",
-                "multi_source_dg": "multi_source_dg.yaml", "mugcp_providers": "mugcp_providers.yaml", "report": None}
+SMOKE_PARAMS = {"base_to_novel": "base_to_novel.yaml", "loss_landscape": "base_to_novel.yaml",
+                "ablation": "ablation.yaml", "cross_dataset": "cross_dataset.yaml",
+                "domain_generalization": "domain_generalization.yaml", "multi_source_dg": "multi_source_dg.yaml",
+                "mugcp_providers": "mugcp_providers.yaml", "report": None}
+# the notebook's own parameters on top of its file's: the landscape of base-to-novel's LoRA and GLAD cells (their
+# records reused), on a 3 x 3 grid over 4 images, without the top Hessian eigenvalue (Hessian-vector products
+# through glad-mini's convolutions take minutes on a CPU; test_landscape.py checks them on tiny towers of its kinds)
+SMOKE_OVERRIDES = {"loss_landscape": {"methods": ["lora", "glad"], "grid_points": 3, "max_images": 4,
+                                      "hessian_iters": 0}}
+DEMO_DATA = ["tuxpaint", "clipart", "clipart10"]  # built by conftest.jupyter_env
 OWN_RESULTS = {"mugcp_providers"}  # study notebooks (variants of a method): own results folder, not in the report
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> Iterator[dict[str, str]]:
-    """Environment of the subprocesses: Jupyter / IPython / matplotlib state kept out of the home folder."""
-    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-
-    try:
-        KernelSpecManager().get_kernel_spec("glad")
-    except NoSuchKernel:
-        pytest.fail(f"the notebooks' kernel 'glad' is not installed: {sys.executable} -m ipykernel install "
-                    f"--prefix {sys.prefix} --name glad (make install does it)")
-    try:
-        from glad_core.debian import DemoDataUnavailable
-        from glad_core.prepare import prepare_demo_data
-    except ImportError as e:
-        pytest.skip(f"demo data module not available: {e}")
-    try:
-        prepare_demo_data(names=["tuxpaint", "clipart", "clipart10"])
-    except DemoDataUnavailable as e:
-        pytest.skip(f"demo data unavailable here: {e}")
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:  # kernels started here (papermill) inherit it too
-        for key, value in {"MPLBACKEND": "Agg", "IPYTHONDIR": home / "ipython", "MPLCONFIGDIR": home / "mpl",
-                           "JUPYTER_CONFIG_DIR": home / "jupyter"}.items():
-            mp.setenv(key, str(value))
-        yield dict(os.environ)
 
 
 @pytest.fixture(scope="module")
@@ -77,19 +56,20 @@ def _smoke(name: str, results: Path) -> dict:
     if SMOKE_PARAMS[name] is None:
         return {"results_dir": str(results)}
     p = yaml.safe_load((SMOKE / SMOKE_PARAMS[name]).read_text())
-    return {**p, "results_dir": str(results)}
+    return {**p, **SMOKE_OVERRIDES.get(name, {}), "results_dir": str(results)}
 
 
 # ----------------------------------------------------------------------------- batch
 
 
-def test_batch_runs_every_cell_reports_a_failure_goes_on_and_resumes(env, results, tmp_path):
+@pytest.mark.notebook
+def test_batch_runs_every_cell_reports_a_failure_goes_on_and_resumes(jupyter_env, results, tmp_path):
     # a cell that fails (a standard dataset with no data), planned before the smoke cells
     failing = {"datasets": ["eurosat"], "methods": ["zeroshot"], "shots": 1, "backbone": "glad-mini",
                "data_root": str(tmp_path / "no-data")}
     (tmp_path / "failing.yaml").write_text(yaml.safe_dump(failing))
     grid = [str(tmp_path / "failing.yaml"), str(SMOKE / "base_to_novel.yaml"), "--set", f"results_dir={results}"]
-    r = _batch(grid, env)
+    r = _batch(grid, jupyter_env)
     assert r.returncode == 1, r.stdout + r.stderr
     [failed] = results.glob("base_to_novel/eurosat/glad-mini/zeroshot/shots1_seed1_*.ipynb")
     assert "FAILED base_to_novel eurosat zeroshot seed 1" in r.stderr and str(failed) in r.stderr
@@ -107,16 +87,16 @@ def test_batch_runs_every_cell_reports_a_failure_goes_on_and_resumes(env, result
         assert record.with_suffix(".png").stat().st_size > 0
     stamps = [p.with_suffix(".ipynb").stat().st_mtime_ns for p in records]
 
-    again = _batch(grid[1:], env)
+    again = _batch(grid[1:], jupyter_env)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "5 cells (shard 0/1): 5 done, 0 to run" in again.stdout
     assert [p.with_suffix(".ipynb").stat().st_mtime_ns for p in records] == stamps  # nothing re-executed
     failed.unlink()  # leaves the module's results to the smoke cells
 
 
-def test_batch_dry_run_lists_the_plan(env, tmp_path):
+def test_batch_dry_run_lists_the_plan(jupyter_env, tmp_path):
     paper = [str(ROOT / "params" / f) for f in ("base_to_novel.yaml", "ablation.yaml")]
-    r = _batch([*paper, "--dry-run", "--set", f"results_dir={tmp_path}"], env)
+    r = _batch([*paper, "--dry-run", "--set", f"results_dir={tmp_path}"], jupyter_env)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     # 11 datasets x 3 seeds x (zeroshot, lora, glad) + (lora+sam, lora+gradreg, lora+alignnet, glad-nokl):
@@ -126,68 +106,6 @@ def test_batch_dry_run_lists_the_plan(env, tmp_path):
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
 
 
-def test_demo_plan_holds_every_demo_file_in_one_results_folder(tmp_path):
-    """`make demo` plans params/demo/*.yaml together: two base-to-novel files (Fashion-MNIST, Tux Paint), the
-    ablation, the transfer files and mini-PACS with clip art held out, one record each; MuGCP with Tux Paint's
-    descriptions."""
-    from glad_core import batch, jobs as J
-
-    jobs = J.plan(sorted((ROOT / "params" / "demo").glob("*.yaml")), {"results_dir": str(tmp_path)})
-    assert len(jobs) == len({j.cell.record_path for j in jobs}) == 44  # 40 before mini-PACS's 4
-    assert {j.cell.dataset for j in jobs if j.cell.protocol == "base_to_novel"} == {"clipart", "fashion_mnist",
-                                                                                     "tuxpaint"}
-    [mugcp] = [j for j in jobs if j.cell.train.method == "mugcp"]
-    assert mugcp.cell.dataset == "tuxpaint" and mugcp.cell.train.hparams["descriptions"] == "tuxpaint"
-    assert mugcp.cell.train.hparams["test_descriptions"] == "auto" and not mugcp.cell.train.hparams["oracle"]
-    msdg = [j for j in jobs if j.cell.protocol == "multi_source_dg"]  # clip art held out of mini-PACS
-    assert {(j.cell.dataset, j.cell.targets[0]) for j in msdg} == {("mini_pacs", "clip_art")}
-    assert [j.cell.train.method for j in msdg] == ["zeroshot", "glad", "clipood", "clipood+guidg"]
-
-
-def test_batch_rejects_a_bad_shard(capsys):
-    from glad_core import batch, jobs as J
-
-    assert batch.main([str(ROOT / "params" / "base_to_novel.yaml"), "--dry-run", "--shard", "4/4"]) == 2
-    assert "0 <= i < n" in capsys.readouterr().err
-
-
-def test_batch_shards_are_disjoint_complete_and_keep_shared_adapters_together(tmp_path):
-    from glad_core import batch, jobs as J
-
-    files = [ROOT / "params" / f"{p}.yaml" for p in ("base_to_novel", "ablation", "cross_dataset",
-                                                     "domain_generalization")]
-    jobs = J.plan(files, {"results_dir": str(tmp_path)})
-    keys = [str(j.cell.record_path) for j in jobs]
-    assert len(keys) == len(set(keys)) == 231 + 2 * 2 * 3  # transfer: (zeroshot, glad) x 3 seeds, 2 protocols
-    shards = [J.shard(jobs, i, 4) for i in range(4)]
-    assert sum(len(s) for s in shards) == len(jobs)
-    assert set().union(*({str(j.cell.record_path) for j in s} for s in shards)) == set(keys)
-    assert J.shard(jobs, 1, 4) == shards[1]  # deterministic
-    for s in shards:  # a cross-dataset cell and the domain-generalization cell sharing its adapter
-        units = {j.unit for j in s}
-        assert all(j.unit in units for j in jobs if j.unit in units)
-    transfer = [j for j in jobs if j.cell.protocol != "base_to_novel" and j.cell.train.method == "glad"]
-    assert len({j.unit for j in transfer}) == 3 and len(transfer) == 6
-
-
-def test_batch_status_and_conflicts(tmp_path):
-    from glad_core import batch, jobs as J
-
-    [job] = J.plan([{"datasets": ["tuxpaint"], "methods": ["zeroshot"], "results_dir": str(tmp_path)}])
-    assert job.params["dataset"] == "tuxpaint" and "datasets" not in job.params  # one cell, flat
-    assert not J.is_done(job) and not J.is_done(job, only_missing=True)
-    job.cell.record_path.parent.mkdir(parents=True)
-    job.cell.record_path.write_text("{}")
-    assert J.is_done(job, only_missing=True) and not J.is_done(job)  # record, no executed notebook
-    nb = nbformat.v4.new_notebook(metadata={"papermill": {"end_time": "2026-01-01T00:00:00", "exception": None}})
-    nbformat.write(nb, job.output)
-    assert J.is_done(job)
-    with pytest.raises(J.BatchError, match="same record"):  # only what does not change the numbers
-        J.plan([{"datasets": ["tuxpaint"], "device": d, "results_dir": str(tmp_path)} for d in ("cpu", "auto")])
-    two = J.plan([{"datasets": ["tuxpaint"], "epochs": e, "results_dir": str(tmp_path)} for e in (1, 2)])
-    assert len({j.cell.record_path for j in two}) == 2  # another value of a parameter is another record
-
-
 # ----------------------------------------------------------------------------- notebooks
 
 
@@ -195,8 +113,9 @@ def _check_cells(nb: nbformat.NotebookNode) -> list:
     return [c for c in nb.cells if c.cell_type == "code" and c.source.startswith(CHECK)]
 
 
+@pytest.mark.notebook
 @pytest.mark.parametrize("name", list(SMOKE_PARAMS))
-def test_notebook(name, env, results, tmp_path):
+def test_notebook(name, jupyter_env, results, tmp_path):
     import papermill as pm
 
     source = NOTEBOOKS / f"{name}.ipynb"
@@ -210,9 +129,9 @@ def test_notebook(name, env, results, tmp_path):
     if name in OWN_RESULTS:
         results = tmp_path / "results"
     if name == "report":  # every smoke record present whichever tests ran before, then the batch runs the report
-        grids = sorted(str(SMOKE / f) for n, f in SMOKE_PARAMS.items() if f and n not in OWN_RESULTS)
+        grids = sorted({str(SMOKE / f) for n, f in SMOKE_PARAMS.items() if f and n not in OWN_RESULTS})
         r = _batch([*grids, "--only-missing", "--report",
-                    "--set", f"results_dir={results}"], env)
+                    "--set", f"results_dir={results}"], jupyter_env)
         assert r.returncode == 0, r.stdout + r.stderr
         executed = results / "report" / source.name
         assert f"report: {results / 'report' / 'report.md'}" in r.stdout
@@ -239,7 +158,7 @@ def test_notebook(name, env, results, tmp_path):
     nbformat.write(prepared, check)
     r = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-sanitize-with", str(SANITIZE),
                         "-p", "no:cacheprovider", "-o", "addopts=", "--rootdir", str(check.parent), "-q", str(check)],
-                       cwd=check.parent, env=env, capture_output=True, text=True, timeout=600)
+                       cwd=check.parent, env=jupyter_env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"{name}: outputs differ from {golden}\n{r.stdout[-6000:]}{r.stderr[-2000:]}"
     if name == "report":
         report = results / "report" / "report.md"

@@ -1,5 +1,6 @@
-"""Robustness: parameters validated up front, atomic records, kill-and-resume batch runs, per-epoch
-checkpoint resume, determinism, non-finite losses and unreadable images.
+"""Robustness: atomic records, kill-and-resume batch runs, per-epoch checkpoint resume, clear errors for bad
+command-line input, non-finite losses and unreadable images (parameter validation: test_params.py;
+identical and reused records: test_protocols.py).
 
 Everything runs on a tiny random-init open_clip model and a few generated images in a folder tree,
 laid out as the `eurosat` dataset (class folders plus a CoOp split file written by the user-folder
@@ -23,16 +24,13 @@ from typing import Any, Iterator
 import open_clip
 import pytest
 import torch
-import yaml
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from PIL import Image
 from safetensors.torch import load_file
 
 import glad_core.train as train_module
+from conftest import CLASSES, cell_params, comparable
 from glad_core import params as P
 from glad_core.data import Datum, ImageReadError
-from glad_core.datasets import load_dataset, load_folder_dataset
+from glad_core.datasets import load_dataset
 from glad_core.io import write_json
 from glad_core.protocols import run_cell
 from glad_core.methods import Method, build
@@ -40,44 +38,8 @@ from glad_core.config import TrainConfig
 from glad_core.train import NonFiniteLossError, evaluate, train
 
 ROOT = Path(__file__).resolve().parent.parent
-CLASSES = ("red", "green", "blue", "yellow")
-COLORS = ((220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 30))
 TEMPLATES = ["a photo of {}."]
-# Record fields that legitimately differ between two runs of the same cell.
-VOLATILE = ("timings", "finished", "adapter", "git_commit", "git_dirty")
-
-
-def _write_image(path: Path, rgb: tuple[int, int, int], g: torch.Generator) -> None:
-    px = (torch.tensor(rgb).view(3, 1, 1) + 30 * torch.randn(3, 32, 32, generator=g)).clamp(0, 255)
-    Image.fromarray(px.permute(1, 2, 0).byte().numpy()).save(path)
-
-
-@pytest.fixture()
-def data_root(tmp_path) -> Path:
-    """A data root holding `eurosat/` as class folders (8 images each) and a CoOp split file."""
-    root = tmp_path / "data"
-    images = root / "eurosat" / "2750"
-    g = torch.Generator().manual_seed(0)
-    for name, rgb in zip(CLASSES, COLORS):
-        (images / name).mkdir(parents=True)
-        for i in range(8):
-            _write_image(images / name / f"{i}.png", rgb, g)
-    load_folder_dataset(images, "eurosat", split_file=root / "eurosat" / "split_zhou_EuroSAT.json")
-    return root
-
-
-def _cell_params(tiny_config: str, data_root: Path, results: Path, **kw: Any) -> dict[str, Any]:
-    return {"protocol": "base_to_novel", "datasets": ["eurosat"], "methods": ["glad"], "seeds": [1],
-            "shots": 2, "backbone": tiny_config, "pretrained": None, "data_root": str(data_root),
-            "results_dir": str(results), "epochs": 2, "batch_size": 2, "device": "cpu", **kw}
-
-
-def _comparable(record: dict) -> dict:
-    """The record without what differs between runs: timings, paths, the commit."""
-    out = {k: v for k, v in record.items() if k not in VOLATILE}
-    out["params"] = {**record["params"], "results_dir": None}
-    out["train"] = {**record["train"], "seconds": None}
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(tiny_config: str, **cfg: Any) -> Method:
@@ -89,144 +51,6 @@ def _model(tiny_config: str, **cfg: Any) -> Method:
 
 def _items(data_root: Path) -> list[Datum]:
     return load_dataset("eurosat", data_root).train
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread (no per-op thread synchronisation)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-# ----------------------------------------------------------------------------- parameters
-
-
-@pytest.fixture()
-def base_params(tiny_config, data_root, tmp_path) -> dict[str, Any]:
-    return _cell_params(tiny_config, data_root, tmp_path / "results")
-
-
-@pytest.mark.parametrize("key, value, allowed", [
-    ("shots", 0, "[1, inf]"),
-    ("shots", "four", "expected int"),
-    ("epochs", 2.5, "expected int"),
-    ("alpha", 1.5, "[0, 1]"),
-    ("alpha", -0.1, "[0, 1]"),
-    ("rho", -0.05, "[0, inf]"),
-    ("lr", "fast", "expected int/float"),
-    ("methods", ["glad", "gald"], "lora+gradreg"),
-    ("datasets", ["eurosatt"], "eurosat"),
-    ("protocol", "few_shot", "base_to_novel"),
-    ("backbone", "ViT-B-33", "open_clip.list_models()"),
-    ("precision", "fp8", "bf16"),
-    ("device", "tpu", "cuda"),
-    ("lora_towers", ["image", "audio"], "image"),
-])
-def test_bad_value_names_key_value_and_allowed(base_params, key, value, allowed):
-    with pytest.raises(P.ParamError) as e:
-        P.validate({**base_params, key: value})
-    msg = str(e.value)
-    shown = value[-1] if key in ("methods", "datasets") else value
-    assert repr(key) in msg and repr(shown) in msg and allowed in msg, msg
-
-
-def test_unknown_key_names_key_value_and_allowed_keys(base_params):
-    with pytest.raises(P.ParamError) as e:
-        P.validate({**base_params, "learning_rate": 0.1})
-    msg = str(e.value)
-    assert "'learning_rate'" in msg and "0.1" in msg and "'lr'" in msg and "'rho'" in msg, msg
-
-
-def test_validation_happens_before_any_work(base_params, tmp_path, monkeypatch, capsys):
-    """A bad value anywhere in the file stops the run before any cell starts or any file is written."""
-    import glad_core.protocols
-    from glad_core.__main__ import main
-
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({**base_params, "methods": ["zeroshot", "glad"], "alpha": 2.0}))
-    monkeypatch.setattr(glad_core.protocols, "run_cell", lambda *a, **k: pytest.fail("a cell ran"))
-    assert main(["run", str(path)]) == 2
-    assert "'alpha' = 2.0" in capsys.readouterr().err
-    assert not (tmp_path / "results").exists()
-
-
-def test_cli_run_takes_a_file_and_overrides_or_overrides_alone(base_params, tmp_path, monkeypatch, capsys):
-    """`run [params.yaml] --key value ...`: the README's commands parse into the validated grid."""
-    import glad_core.__main__ as cli
-
-    seen = []
-    monkeypatch.setattr(cli, "cmd_run", seen.append)
-    path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump(base_params))
-    assert cli.main(["run", str(path), "--epochs", "2", "--seeds", "1,2"]) == 0
-    assert seen[-1]["epochs"] == 2 and seen[-1]["seeds"] == [1, 2]
-    assert cli.main(["run", "--protocol", "base_to_novel", "--datasets", "eurosat", "--data-root", "/data",
-                     "--backbone", "glad-mini", "--methods", "zeroshot,lora,glad", "--shots", "16"]) == 0
-    assert (seen[-1]["datasets"], seen[-1]["methods"], seen[-1]["shots"], seen[-1]["data_root"]) == \
-        (["eurosat"], ["zeroshot", "lora", "glad"], 16, "/data")
-    assert cli.main(["run", "--datasets"]) == 2
-    assert "'datasets' has no value" in capsys.readouterr().err
-
-
-def _values() -> st.SearchStrategy:
-    scalars = (st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=True)
-               | st.text(max_size=12) | st.sampled_from(["glad", "eurosat", "ViT-B-32", "image", "text", "1e-3",
-                                                         "nan", "cpu", "auto", "base_to_novel"]))
-    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner,
-                                                                                            max_size=3),
-                        max_leaves=8)
-
-
-def _fuzz_params() -> st.SearchStrategy:
-    keys = st.sampled_from(sorted(P.SCHEMA)) | st.text(max_size=10)
-    return st.dictionaries(keys, _values(), max_size=6)
-
-
-def _check_valid(out: dict[str, Any]) -> None:
-    """A mapping `validate` accepts builds its cells and validates again to itself."""
-    assert P.validate(out) == out
-    P.cells(out)
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(params=_fuzz_params())
-def test_validate_fuzz_raises_only_param_error(params):
-    try:
-        out = P.validate({"datasets": ["eurosat"], **params})
-    except P.ParamError:
-        return
-    _check_valid(out)
-
-
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                  HealthCheck.function_scoped_fixture])
-@given(text=st.text(max_size=80) | _fuzz_params().map(lambda d: yaml.safe_dump({"datasets": ["eurosat"], **d})))
-def test_load_fuzz_yaml_raises_only_param_error(tmp_path, text):
-    path = tmp_path / "fuzz.yaml"
-    path.write_bytes(text.encode("utf-8", "surrogatepass"))
-    try:
-        out = P.load(path)
-    except P.ParamError:
-        return
-    _check_valid(out)
-
-
-@pytest.mark.parametrize("text", ["datasets: [eurosat]\nseed: 2001-13-45\n", "- a\n- b\n", "datasets: [eurosat\n",
-                                  "? [a, b]\n: 1\n", "lr: .nan\ndatasets: [eurosat]\n"])
-def test_load_malformed_yaml(tmp_path, text):
-    path = tmp_path / "p.yaml"
-    path.write_text(text)
-    with pytest.raises(P.ParamError):
-        P.load(path)
-
-
-def test_load_undecodable_file(tmp_path):
-    path = tmp_path / "p.yaml"
-    path.write_bytes(b"datasets: [\xff\xfe]\n")
-    with pytest.raises(P.ParamError, match="p.yaml"):
-        P.load(path)
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -297,9 +121,10 @@ def config_dir(tiny_config, tmp_path_factory) -> Path:
     return d
 
 
+@pytest.mark.slow
 def test_batch_killed_at_random_moments_resumes_without_loss(tiny_config, config_dir, data_root, tmp_path):
     results = tmp_path / "killed"
-    params = _cell_params(tiny_config, data_root, results, methods=["zeroshot", "lora", "glad"], seeds=[1, 2],
+    params = cell_params(tiny_config, data_root, results, methods=["zeroshot", "lora", "glad"], seeds=[1, 2],
                           epochs=3)
     expected = [c.record_path for c in P.cells(params)]
     rng = random.Random(0)
@@ -322,7 +147,7 @@ def test_batch_killed_at_random_moments_resumes_without_loss(tiny_config, config
     for path in expected:
         ref = json.loads((clean / path.relative_to(results)).read_text())
         got = json.loads(path.read_text())
-        assert _comparable(got) == _comparable(ref), path
+        assert comparable(got) == comparable(ref), path
 
 
 # ----------------------------------------------------------------------------- resume and determinism
@@ -370,68 +195,6 @@ def test_resume_after_epoch_k_equals_uninterrupted(tiny_config, data_root, tmp_p
     transform = open_clip.create_model_and_transforms(tiny_config, pretrained=None)[2]
     assert evaluate(full, items, names, TEMPLATES, transform, progress=False) == \
         evaluate(resumed, items, names, TEMPLATES, transform, progress=False)
-
-
-def test_same_parameters_and_seed_give_identical_records(tiny_config, data_root, tmp_path):
-    records = []
-    for run in ("a", "b"):
-        params = _cell_params(tiny_config, data_root, tmp_path / run, methods=["glad"], epochs=2)
-        (cell,) = P.cells(params)
-        rec = run_cell(cell, progress=False)
-        records.append(_comparable(rec))
-    assert records[0]["metrics"] == records[1]["metrics"]  # exact float equality
-    assert records[0] == records[1]
-
-
-def test_a_changed_parameter_trains_anew_and_an_unchanged_one_is_reused(tiny_config, data_root, tmp_path):
-    """The record's address names every parameter that changes it: alpha 0.5 -> 0.3 is a new record
-    beside the old one; the same parameters again reuse the record without touching it."""
-    cells = {}
-    for alpha in (0.5, 0.3):
-        (cells[alpha],) = P.cells(_cell_params(tiny_config, data_root, tmp_path, alpha=alpha, epochs=1))
-    first = run_cell(cells[0.5], progress=False)
-    stamp = cells[0.5].record_path.stat().st_mtime_ns
-    assert cells[0.3].record_path != cells[0.5].record_path and not cells[0.3].record_path.exists()
-    second = run_cell(cells[0.3], progress=False)
-    assert {first["params"]["alpha"], second["params"]["alpha"]} == {0.5, 0.3}
-    assert cells[0.5].record_path.exists() and cells[0.3].record_path.exists()
-    assert run_cell(cells[0.5], progress=False)["metrics"] == first["metrics"]
-    assert cells[0.5].record_path.stat().st_mtime_ns == stamp  # read, not rerun
-    # what does not change the numbers keeps the address: the device, evaluation batching, the data's place
-    (same,) = P.cells(_cell_params(tiny_config, data_root, tmp_path, alpha=0.5, epochs=1, eval_batch_size=7,
-                                   device="auto"))
-    assert same.record_path == cells[0.5].record_path
-    from glad_core.results import collect
-    df = collect(tmp_path)
-    assert sorted(set(df["setting"])) == ["alpha=0.3", "alpha=0.5"]  # reported apart, never averaged
-
-
-def test_a_knob_a_method_does_not_read_never_retrains_it(tmp_path):
-    """The record's identity holds only what the method reads: alpha retrains glad (step rule gradreg), not
-    coop or lora (no step rule); eval_batch_size only GuiDG with batch-averaged attention."""
-    def paths(**kw: Any) -> dict[str, Path]:
-        p = {"datasets": ["tuxpaint"], "methods": ["glad", "coop", "lora", "zeroshot"], "results_dir": str(tmp_path),
-             **kw}
-        return {c.train.method: c.record_path for c in P.cells(p)}
-
-    before, after = paths(alpha=0.5), paths(alpha=0.3)
-    assert before["glad"] != after["glad"]
-    assert {m: before[m] == after[m] for m in ("coop", "lora", "zeroshot")} == {"coop": True, "lora": True,
-                                                                                "zeroshot": True}
-    assert paths(lr=0.004)["zeroshot"] == before["zeroshot"] and paths(lr=0.004)["coop"] != before["coop"]
-    (lora_sam,) = P.cells({"datasets": ["tuxpaint"], "methods": ["lora"],
-                           "method_settings": {"lora": {"step_rule": "sam"}}})
-    assert "rho" in lora_sam.identity() and "alpha" in lora_sam.identity()  # read under a step rule
-
-    def guidg(**kw: Any) -> Path:
-        (cell,) = P.cells({"protocol": "multi_source_dg", "datasets": ["mini_pacs"], "held_out": ["sketch"],
-                           "methods": ["guidg"], "results_dir": str(tmp_path), **kw})
-        return cell.record_path
-
-    assert guidg(eval_batch_size=64) != guidg()  # 36: the attention is averaged over each evaluation batch
-    assert guidg(eval_batch_size=64, attention="image") == guidg(attention="image")  # per image: no effect
-    assert guidg(kl_weight=1.0) == guidg()  # GuiDG's loss has no KL term
-    assert paths(eval_batch_size=7, device="cpu", num_workers=1) == before  # never the numbers of these
 
 
 def test_cli_bad_input_is_one_error_line_with_the_fix(tmp_path):
@@ -483,28 +246,3 @@ def test_unreadable_image_error_names_the_file(tiny_config, data_root, kind):
         evaluate(model, items, list(CLASSES), TEMPLATES, transform, progress=False)
     with pytest.raises(ImageReadError, match=re.escape(str(bad))):
         train(model, items, list(CLASSES), TEMPLATES, progress=False)
-
-
-def test_batch_explain_shows_each_methods_values_and_their_sources(tmp_path, capsys):
-    """`--dry-run --explain`: one JSON line per method, every value it reads and where it came from."""
-    import json
-
-    from glad_core.batch import main
-
-    path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump({"datasets": ["tuxpaint"], "methods": ["glad", "coop", "zeroshot"], "epochs": 3,
-                                    "rank": 4, "method_settings": {"glad": {"lr": 0.004}}}))
-    assert main([str(path), "--dry-run", "--explain", "--set", "batch_size=8"]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [(d["file"], d["method"]) for d in lines] == [(str(path), m) for m in ("glad", "coop", "zeroshot")]
-    glad, coop, zeroshot = (d["params"] for d in lines)
-    src = {d["method"]: d["sources"] for d in lines}
-    assert set(src["glad"]) == set(glad) and set(src["coop"]) == set(coop)
-    assert (glad["lr"], glad["epochs"], glad["batch_size"], glad["rank"], glad["alpha"]) == (0.004, 3, 8, 4, 0.5)
-    assert (src["glad"]["lr"], src["glad"]["epochs"], src["glad"]["batch_size"], src["glad"]["rank"],
-            src["glad"]["alpha"]) == ("method_settings", "file", "command line", "file", "method default")
-    assert (coop["lr"], coop["epochs"], coop["weight_decay"]) == (0.002, 3, 5e-4)  # its recipe, but the flat epochs
-    assert src["coop"]["lr"] == "method default" and "rank" not in coop  # a key it does not declare
-    assert "alpha" not in coop and "rho" not in coop  # no step rule: coop does not read them
-    assert set(zeroshot) == {"device", "precision", "num_workers", "eval_batch_size"}  # it trains nothing
-    assert main([str(path), "--explain"]) == 2 and "add --dry-run" in capsys.readouterr().err

@@ -78,8 +78,13 @@ def test_harmonic_mean():
     assert harmonic_mean(0.0, 0.0) == 0.0
 
 
+@pytest.mark.slow
 def test_short_glad_run_on_glad_mini_improves_training_accuracy(tmp_path):
-    """GLAD on the pretrained glad-mini and real Tux Paint photos: the fit of the training images rises."""
+    """GLAD on the pretrained glad-mini and real Tux Paint photos: the fit of the training images rises.
+
+    2 shots of the 10 classes, 3 epochs of 2 steps at a learning rate of 5e-3: 60 training images
+    through GLAD's step (zero-shot target, two forward-backward passes) where 4 shots, 4 epochs at
+    2e-3 took 160; the rise asked for is the same 4 images (of 20 now, of 40 before)."""
     from glad_core.datasets import fewshot, load_dataset
     from glad_core.debian import DemoDataUnavailable
     from glad_core.prepare import prepare_demo_data
@@ -90,9 +95,9 @@ def test_short_glad_run_on_glad_mini_improves_training_accuracy(tmp_path):
     except DemoDataUnavailable as e:
         pytest.skip(f"demo data unavailable here: {e}")
     clip, preprocess, tokenizer = load_backbone("glad-mini")
-    split = fewshot(load_dataset("tuxpaint"), shots=4, seed=1, cache=tmp_path)
-    model = build(clip, tokenizer, TrainConfig(method="glad", device="cpu", epochs=4, batch_size=8,
-                                               lr=2e-3, aug_scale_min=0.8))
+    split = fewshot(load_dataset("tuxpaint"), shots=2, seed=1, cache=tmp_path)
+    model = build(clip, tokenizer, TrainConfig(method="glad", device="cpu", epochs=3, batch_size=10,
+                                               lr=5e-3, aug_scale_min=0.8))
 
     def fit() -> float:
         return evaluate(model, split.train, split.classnames, split.templates, preprocess, progress=False)["acc"]
@@ -100,6 +105,6 @@ def test_short_glad_run_on_glad_mini_improves_training_accuracy(tmp_path):
     before = fit()
     res = train(model, split.train, split.classnames, split.templates, progress=False)
     after = fit()
-    assert len(split.train) == 40 and res.steps == 4 * 5
+    assert len(split.train) == 20 and res.steps == 3 * 2
     assert res.history[-1]["loss"] < res.history[0]["loss"]
-    assert after >= before + 0.1, (before, after)
+    assert after >= before + 0.2, (before, after)  # 4 more of the 20 training images right
