@@ -121,20 +121,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="then execute notebooks/report.ipynb on the results folder (report/report.md)")
     parser.add_argument("--set", action="append", default=[], metavar="key=value", dest="sets",
                         help="override a parameter in every file (repeatable), e.g. --set epochs=2")
+    parser.add_argument("--no-feature-cache", action="store_true",
+                        help="encode test images every time instead of reusing the frozen image features kept "
+                             "in <results_dir>/feature_cache (= --set feature_cache=false)")
     _add_cluster_args(parser)
     args = parser.parse_args(argv)
     try:
+        overrides = {**_parse_sets(args.sets), **({"feature_cache": False} if args.no_feature_cache else {})}
         index, _, count = args.shard.partition("/")
         if not (index.isdigit() and count.isdigit()):
             raise BatchError(f"--shard expects i/n, e.g. 0/4, got {args.shard!r}")
         if args.explain:
             if not args.dry_run:
                 raise BatchError("--explain shows the plan's values without running it: add --dry-run")
-            explain(args.params, _parse_sets(args.sets))
+            explain(args.params, overrides)
             return 0
         slurm = _slurm(args)
         workers = int(args.workers) if args.workers and args.workers.isdigit() else args.workers  # or 'auto'
-        jobs = shard(plan(args.params, _parse_sets(args.sets)), int(index), int(count))
+        jobs = shard(plan(args.params, overrides), int(index), int(count))
         done = [is_done(job, args.only_missing) for job in jobs]
         print(f"{len(jobs)} cells (shard {args.shard}): {sum(done)} done, {len(jobs) - sum(done)} to run", flush=True)
         if args.dry_run:

@@ -28,7 +28,7 @@ class TrainConfig:
     aug_flip: bool | None = None
     device: str | None = None
     precision: str | None = None
-    num_workers: int | None = None
+    num_workers: int | str | None = None
     eval_batch_size: int | None = None
     hparams: dict[str, Any] = field(default_factory=dict)
 

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from .data import Datum
 from .datasets import DEMO_DATASETS, demo_root, not_built_message
 from .debian import Package, content_dir
+from .feature_cache import frozen_features
 from .io import write_json
 
 
@@ -334,10 +335,8 @@ def retrieve(query: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> tupl
 def frozen_image_features(method, items: Sequence[Datum], transform: Callable, batch_size: int = 64,
                           progress: bool = False) -> torch.Tensor:
     """Normalised image features [N, D] of `items` under the frozen model (a method's `zero_shot()`)."""
-    from .runtime import image_features
-
     with method.zero_shot():
-        return image_features(method, items, transform, batch_size, progress=progress, desc="describe")[0]
+        return frozen_features(method, items, transform, batch_size, progress=progress, desc="describe")[0]
 
 
 # ----------------------------------------------------------------------------- the provider

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .data import Datum, ImageDataset
 from .gradreg import GradRegStep
 from .io import atomic_path
-from .runtime import autocast, resolve_device, train_transform
+from .runtime import autocast, loader_options, resolve_device, train_transform
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -155,7 +155,7 @@ def train(method: Method, items: Sequence[Datum], classnames: Sequence[str], tem
     for epoch in range(start_epoch, math.ceil(total / steps_per_epoch)):
         torch.manual_seed(cfg.seed * 1000 + epoch)  # per-epoch seeding: a resumed run is identical
         loader = torch.utils.data.DataLoader(loader_set, batch_size=cfg.batch_size, shuffle=True,
-                                             num_workers=cfg.num_workers,
+                                             **loader_options(cfg.num_workers, device),
                                              generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         loss_sum, correct, seen = 0.0, 0, 0
         for images, labels, index in loader:
@@ -202,7 +202,10 @@ class _Indexed(torch.utils.data.Dataset):
 @torch.no_grad()
 def evaluate(method: Method, items: Sequence[Datum], classnames: Sequence[str], templates: Sequence[str],
              transform: Callable, progress: bool = True, desc: str = "eval") -> dict:
-    """Top-1 accuracy and per-class accuracy of `method` on `items` (in its `inference()` mode: LoRA merged)."""
+    """Top-1 accuracy and per-class accuracy of `method` on `items` (in its `inference()` mode: LoRA merged).
+
+    A method with frozen image features and a `feature_cache` reads the split's features from it (encoded
+    once per backbone, split and transform, in the same batches)."""
     cfg = method.cfg
     device = resolve_device(cfg.device)
     method.to(device).eval()
@@ -211,14 +214,22 @@ def evaluate(method: Method, items: Sequence[Datum], classnames: Sequence[str], 
         if not method.per_image:
             with autocast(device, cfg.precision):
                 text = method.class_features(classnames, templates).to(method.dtype)
-        loader = torch.utils.data.DataLoader(ImageDataset(items, transform), batch_size=cfg.eval_batch_size,
-                                             num_workers=cfg.num_workers)
+        bs = cfg.eval_batch_size
+        if method.frozen_image_features and method.feature_cache is not None:  # encoded once, in the same batches
+            f_all, y_all = method.feature_cache.image_features(method, items, transform, bs, cfg.num_workers,
+                                                               progress, desc)
+            batches = ((f_all[i:i + bs], None, y_all[i:i + bs]) for i in range(0, len(items), bs))
+        else:
+            loader = torch.utils.data.DataLoader(ImageDataset(items, transform), batch_size=bs,
+                                                 **loader_options(cfg.num_workers, device))
+            batches = ((None, images, y) for images, y in tqdm(loader, desc=desc, disable=not progress, leave=False))
         preds, labels, start = [], [], 0
-        for images, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        for f, images, y in batches:
             method.use_items(items[start:start + len(y)], "test")  # batch by batch: per-image methods
             start += len(y)                                         # score each batch right after encoding it
             with autocast(device, cfg.precision):
-                f = method.encode_image(images.to(device))
+                if f is None:
+                    f = method.encode_image(images.to(device))
                 t = text if text is not None else method.class_features(classnames, templates, f).to(method.dtype)
             preds.append(method.logits(f, t).argmax(-1))
             labels.append(y.to(device))

@@ -12,10 +12,11 @@ from tqdm.auto import tqdm
 
 from ..data import Datum, ImageDataset, Splits
 from ..datasets import DatasetError, split_per_class
+from ..feature_cache import frozen_features
 from ..domains import split_subdomains
 from ..gradreg import GradRegStep
 from ..prompts import PromptLearner
-from ..runtime import autocast, image_features, resolve_device, set_seed, train_transform
+from ..runtime import autocast, loader_options, resolve_device, set_seed, train_transform
 from ..train import TrainResult, check_finite
 
 if TYPE_CHECKING:
@@ -108,13 +109,13 @@ def train_expert(method: "GuiDG", pool: Pool, classnames: Sequence[str], progres
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=hp["expert_schedule_steps"])
     data = ImageDataset(pool.train, train_transform(method.clip, EXPERT_SCALE_MIN, flip=True))
     with method.zero_shot():
-        val_f, val_y = image_features(method, pool.val, eval_transform(method.clip), cfg.eval_batch_size,
-                                      cfg.num_workers, progress=False)
+        val_f, val_y = frozen_features(method, pool.val, eval_transform(method.clip), cfg.eval_batch_size,
+                                       cfg.num_workers, progress=False)
     best, best_ctx, history = -1.0, learner.ctx.detach().clone(), []
     epochs = hp["expert_epochs"]
     for epoch in tqdm(range(epochs), desc=f"expert {pool.name}", disable=not progress, leave=False):
         loader = torch.utils.data.DataLoader(data, batch_size=hp["expert_batch_size"], shuffle=True,
-                                             num_workers=cfg.num_workers,
+                                             **loader_options(cfg.num_workers, device),
                                              generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         for images, labels in loader:
             loss = expert_step(method, learner, optimizer, images.to(device), labels.to(device))

@@ -224,6 +224,11 @@ class MuGCP(CoOp):
         return h, pad
 
     # --- scoring ---------------------------------------------------------------------------------
+    @property
+    def frozen_image_features(self) -> bool:  # type: ignore[override]
+        """Without VCP only: VCP reads each batch's visual tokens from `encode_image`, which a cached feature skips."""
+        return not self.hp["vcp"]
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         self._tokens = None
         return super().encode_image(images)
