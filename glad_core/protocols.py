@@ -8,8 +8,10 @@
   others' few-shot pools, test on the held-out one (`targets` = [that domain]).
 
 A cell is (protocol, dataset, method, seed, shots, backbone) plus training parameters. Its record
-(JSON) holds every parameter, metrics, per-class accuracy, timings, versions, device, git commit
-and the adapter path. Records are written atomically, and a cell whose record exists is done.
+(JSON) holds every parameter, metrics with their 95% bootstrap intervals and the per-image
+correctness they come from (`glad_core.stats`), per-class accuracy, the training budget (steps,
+images seen, trained parameters, seconds), timings, versions, device, git commit and the adapter
+path. Records are written atomically, and a cell whose record exists is done.
 Cross-dataset and domain-generalization cells with the same source and training parameters share
 one trained adapter.
 """
@@ -23,20 +25,20 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from . import __version__
+from . import __version__, stats
 from .data import Splits
 from .io import write_json
 from .methods import Method, build, load_trained, save_trained
 from .methods.base import NOT_IDENTITY
-from .results import harmonic_mean
+from .stats import harmonic_mean
 from .config import TrainConfig
 from .feature_cache import FeatureCache
 from .runtime import image_features, resolve_device, set_seed
-from .train import evaluate
+from .train import TrainResult, evaluate
 
 PROTOCOLS = ("base_to_novel", "cross_dataset", "domain_generalization", "multi_source_dg")
 TARGET_PARTS = ("test", "all")  # multi_source_dg: the held-out domain's test part, or all its images
@@ -146,6 +148,40 @@ def environment() -> dict[str, Any]:
             "git_dirty": dirty}
 
 
+def train_budget(result: TrainResult | None) -> dict[str, Any]:
+    """A fit's budget (`TrainResult`; zeros when nothing was trained): optimizer steps, images seen,
+    trained parameters, seconds."""
+    result = result or TrainResult()
+    return {"steps": result.steps, "images_seen": result.images_seen, "parameters": result.parameters,
+            "seconds": result.seconds}
+
+
+def adapter_budget(adapter: Path) -> dict[str, Any]:
+    """The budget of the fit that wrote a reused adapter (its metadata; None where an older file has none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(adapter), "pt") as f:
+        saved = (f.metadata() or {}).get("budget")
+    return json.loads(saved) if saved else dict.fromkeys(train_budget(None))
+
+
+def _scored(scores: dict[str, tuple[dict, list]], summary: Callable[[dict], dict]) -> dict[str, Any]:
+    """The record's results of its evaluated splits (`evaluate`'s result and the test items, by split):
+    accuracies with their `summary` (HM or average), per-class accuracy, test sizes, and the evidence
+    of `glad_core.stats`: per-image correctness, the test lists' digests, 95% bootstrap intervals of
+    every metric (the summary's from the same draws) and the bootstrap's seed and draws."""
+    correct = {k: r["correct"] for k, (r, _) in scores.items()}
+    tests = {k: stats.items_digest(items) for k, (_, items) in scores.items()}
+    draws = summary({k: stats.resampled_accuracy(correct[k], tests[k]) for k in scores})
+    return {"metrics": summary({k: r["acc"] for k, (r, _) in scores.items()}),
+            "intervals": {k: list(stats.interval(v)) for k, v in draws.items()},
+            "per_class": {k: r["per_class"] for k, (r, _) in scores.items()},
+            "test_sizes": {k: r["n"] for k, (r, _) in scores.items()},
+            "test_items": tests,
+            "correct": {k: stats.pack(c) for k, c in correct.items()},
+            "bootstrap": {"seed": stats.SEED, "draws": stats.DRAWS, "level": stats.LEVEL}}
+
+
 def _load(name: str, cell: Cell) -> Splits:
     from .datasets import load_dataset
     return load_dataset(name, cell.data_root)
@@ -188,48 +224,45 @@ def run_cell(cell: Cell, progress: bool = True, overwrite: bool = False) -> dict
     checkpoint = adapter.with_suffix(".ckpt")
     reused = (cell.protocol != "base_to_novel" and bool(method.trainable()) and adapter.exists()
               and not method.builds_in_fit)
-    if reused:
+    history = None
+    if reused:  # the budget of the fit that wrote the adapter; its history is in that cell's record
         load_trained(method, adapter)
-        history = None
+        budget = adapter_budget(adapter)
     elif method.trainable():
         adapter.parent.mkdir(parents=True, exist_ok=True)
         history = method.fit(train_split.train, train_split.classnames, train_split.templates,
                              checkpoint=checkpoint, progress=progress)
-        save_trained(method, adapter, metadata={"backbone": cell.backbone})
+        budget = train_budget(history)
+        save_trained(method, adapter, metadata={"backbone": cell.backbone, "budget": json.dumps(budget)})
         checkpoint.unlink(missing_ok=True)
     else:
-        history = None
+        budget = train_budget(None)
     t_train = time.perf_counter() - t_start
 
-    metrics: dict[str, float] = {}
-    per_class: dict[str, dict[str, float]] = {}
-    sizes: dict[str, int] = {}
     if cell.protocol == "base_to_novel":
         evals = {sub: subsample_classes(source, sub) for sub in ("base", "novel")}
     else:
         evals = {cell.dataset: source, **{t: _load(t, cell) for t in cell.targets}}
-    for key, split in evals.items():
-        r = evaluate(method, split.test, split.classnames, split.templates, preprocess, progress=progress,
-                     desc=f"eval {key}")
-        metrics[key], per_class[key], sizes[key] = r["acc"], r["per_class"], r["n"]
+    scores = {key: (evaluate(method, split.test, split.classnames, split.templates, preprocess, progress=progress,
+                             desc=f"eval {key}"), split.test) for key, split in evals.items()}
+
+    def summary(acc: dict[str, Any]) -> dict[str, Any]:
+        """The evaluated splits' accuracies (numbers or bootstrap draws) and their summary: HM, or the targets' mean."""
+        if cell.protocol == "base_to_novel":
+            return {**acc, "hm": harmonic_mean(acc["base"], acc["novel"])}
+        return {**acc, "average": sum(acc[t] for t in cell.targets) / len(cell.targets)}
+
     section = method_section(method, {key: split.test for key, split in evals.items()}, preprocess)
-    if cell.protocol == "base_to_novel":
-        metrics["hm"] = harmonic_mean(metrics["base"], metrics["novel"])
-    else:
-        metrics["average"] = sum(metrics[t] for t in cell.targets) / len(cell.targets)
 
     record = {
         "cell": {"protocol": cell.protocol, "dataset": cell.dataset, "method": cfg.method, "seed": cfg.seed,
                  "shots": cell.shots, "backbone": cell.backbone},
         "params": cell.params(),
         "identity": cell.identity(),
-        "metrics": metrics,
-        "per_class": per_class,
-        "test_sizes": sizes,
+        **_scored(scores, summary),
         "method": section,
         "train": {"classes": train_split.num_classes, "images": len(train_split.train),
-                  "history": history.history if history else [], "steps": history.steps if history else 0,
-                  "seconds": history.seconds if history else 0.0, "reused_adapter": reused},
+                  "history": history.history if history else [], **budget, "reused_adapter": reused},
         "timings": {"train_s": t_train, "eval_s": time.perf_counter() - t_start - t_train,
                     "total_s": time.perf_counter() - t_start},
         **environment(),
@@ -271,7 +304,7 @@ def run_multi_source_cell(cell: Cell, progress: bool = True) -> dict[str, Any]:
     if method.trainable():
         history = method.fit(train_items, md.classnames, md.templates, val_items=val_items, progress=progress)
         adapter.parent.mkdir(parents=True, exist_ok=True)
-        save_trained(method, adapter, metadata={"backbone": cell.backbone})
+        save_trained(method, adapter, metadata={"backbone": cell.backbone, "budget": json.dumps(train_budget(history))})
     t_train = time.perf_counter() - t_start
 
     r = evaluate(method, target.test, md.classnames, md.templates, preprocess, progress=progress, desc=f"eval {held}")
@@ -280,13 +313,11 @@ def run_multi_source_cell(cell: Cell, progress: bool = True) -> dict[str, Any]:
                  "shots": cell.shots, "backbone": cell.backbone},
         "params": cell.params(),
         "identity": cell.identity(),
-        "metrics": {held: r["acc"]},
-        "per_class": {held: r["per_class"]},
-        "test_sizes": {held: r["n"]},
+        **_scored({held: (r, target.test)}, dict),
         "method": method_section(method, {held: target.test}, preprocess),
         "train": {"sources": list(sources), "classes": len(md.classnames), "images": len(train_items),
                   "val_images": len(val_items), "history": history.history if history else [],
-                  "steps": history.steps if history else 0, "seconds": history.seconds if history else 0.0},
+                  **train_budget(history)},
         "timings": {"train_s": t_train, "eval_s": time.perf_counter() - t_start - t_train,
                     "total_s": time.perf_counter() - t_start},
         **environment(),

@@ -24,10 +24,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from . import params as P
+from . import stats
 from .protocols import PAPER_TARGETS, Cell, run_cell
 from .published import DATASETS as PAPER_DATASETS
 from .published import published
-from .results import CELL_KEYS, collect, harmonic_mean, summarize
+from .results import BUDGET, CELL_KEYS, budget_mean, collect, summarize
+from .stats import harmonic_mean
 from .methods import REGISTRY, ablation_rows, table_order
 from .models import PAPER_BACKBONE
 
@@ -43,8 +45,9 @@ TABLES = {
     "multi_source_dg": "Table 5: multi-source domain generalization (leave one domain out; GuiDG's Table 8)",
 }
 _SINGLE = {"datasets": "dataset", "methods": "method", "seeds": "seed"}
-_COLUMNS = CELL_KEYS[:-1] + ["split", "mean", "std", "seeds", "published", "gap"]
+_COLUMNS = CELL_KEYS[:-1] + ["split", "mean", "std", "seeds", "lo", "hi", "published", "gap"] + BUDGET + ["boot"]
 MISSING = "—"
+CI = "95% CI"
 
 
 # ----------------------------------------------------------------------------- running
@@ -77,12 +80,15 @@ def run_grid(cells: Sequence[Cell], progress: bool = True) -> pd.DataFrame:
     return df[df["record"].map(lambda r: str(Path(r).resolve())).isin(wanted)].reset_index(drop=True)
 
 
-def figure_path(cells: Sequence[Cell], name: str) -> Path:
-    """Where a notebook's figure goes: beside the record for one cell, else in the protocol's folder."""
+def figure_path(cells: Sequence[Cell], name: str, kind: str = "") -> Path:
+    """Where a notebook's figure goes: beside the record for one cell, else in the protocol's folder
+    (`kind`, e.g. "paired", names a further figure of the same table: `<name>_<kind>.png`)."""
+    suffix = f"_{kind}" if kind else ""
     if len(cells) == 1:
-        return cells[0].record_path.with_suffix(".png")
+        path = cells[0].record_path
+        return path.with_name(f"{path.stem}{suffix}.png")
     c = cells[0]
-    return Path(c.results_dir) / c.protocol / "figures" / f"{name}.png"
+    return Path(c.results_dir) / c.protocol / "figures" / f"{name}{suffix}.png"
 
 
 # ----------------------------------------------------------------------------- tables
@@ -134,25 +140,51 @@ def _average_over_datasets(df: pd.DataFrame) -> pd.DataFrame:
     of their method are left out, so every average covers the same datasets."""
     keys = ["protocol", "method", "descriptions", "backbone", "shots", "setting"]
     rows = []
-    for k, g in df[df["split"].isin(["base", "novel"])].groupby(keys, sort=False):
+    for k, g in _with_draws(df)[df["split"].isin(["base", "novel"])].groupby(keys, sort=False):
         w = g.pivot_table(index="seed", columns=["split", "dataset"], values="acc").dropna()
         for seed, base, novel in zip(w.index, w["base"].mean(axis=1), w["novel"].mean(axis=1)):
-            rows += [{**dict(zip(keys, k)), "dataset": AVERAGE, "seed": seed, "split": s, "acc": v}
+            mine = g[(g["seed"] == seed) & g["dataset"].isin(w["base"].columns)]
+            boot = {s: stats.mean_draws(list(mine.loc[mine["split"] == s, "boot"])) for s in ("base", "novel")}
+            boot["hm"] = None if any(b is None for b in boot.values()) else harmonic_mean(boot["base"], boot["novel"])
+            rows += [{**dict(zip(keys, k)), "dataset": AVERAGE, "seed": seed, "split": s, "acc": v, "boot": boot[s],
+                      **budget_mean([(None, mine)]).iloc[0]}
                      for s, v in zip(B2N_SPLITS, (base, novel, harmonic_mean(base, novel)))]
-    return pd.DataFrame(rows, columns=CELL_KEYS + ["split", "acc"])
+    return pd.DataFrame(rows, columns=CELL_KEYS + ["split", "acc", "boot"] + BUDGET)
 
 
 def _paper_hm(t: pd.DataFrame) -> pd.DataFrame:
     """HM cells as the paper prints them: the HM of the same row's (seed-averaged) base and novel means."""
     if not (t["split"] == "hm").any():  # no records (an empty report), nothing to recompute
         return t
-    keys = [k for k in t.columns if k not in ("split", "mean", "std", "seeds")]
+    keys = [k for k in CELL_KEYS if k in t.columns and k != "seed"]
     wide = t.pivot_table(index=keys, columns="split", values="mean", sort=False)
     hm = {k: 100 * harmonic_mean(b / 100, n / 100) for k, b, n in zip(wide.index, wide["base"], wide["novel"])}
     out = t.copy()
     rows = out["split"] == "hm"
     out.loc[rows, "mean"] = [hm[k] for k in out.loc[rows, keys].itertuples(index=False, name=None)]
+    boot = {(*k, s): b for k, s, b in zip(t[keys].itertuples(index=False, name=None), t["split"], t["boot"])}
+    out["boot"] = _objects([harmonic_mean(boot[(*k, "base")], boot[(*k, "novel")])
+                            if s == "hm" and boot[(*k, "base")] is not None and boot[(*k, "novel")] is not None
+                            else (None if s == "hm" else b)
+                            for k, s, b in zip(t[keys].itertuples(index=False, name=None), t["split"], t["boot"])],
+                           out.index)
     return out
+
+
+def _objects(values: Iterable, index: pd.Index) -> pd.Series:
+    """A column of arbitrary objects (bootstrap draws, None), one per row."""
+    return pd.Series(list(values), index=index, dtype=object)
+
+
+def _with_draws(df: pd.DataFrame) -> pd.DataFrame:
+    """Collected rows with their bootstrap draws (`stats.record_draws`, in %) as column `boot`."""
+    return df if "boot" in df.columns else df.assign(boot=_objects(stats.record_draws(df), df.index))
+
+
+def _with_intervals(t: pd.DataFrame) -> pd.DataFrame:
+    """`lo` / `hi`: the 95% percentile interval of each row's draws (NaN without draws)."""
+    bounds = [stats.interval(b) if b is not None else (float("nan"), float("nan")) for b in t["boot"]]
+    return t.assign(lo=[b[0] for b in bounds], hi=[b[1] for b in bounds])
 
 
 def _covers(df: pd.DataFrame, keys: list[str], column: str, expected: Iterable[str]) -> set[tuple]:
@@ -169,7 +201,7 @@ def base_to_novel_comparison(df: pd.DataFrame) -> pd.DataFrame:
     """Table 1 as tidy rows: per dataset and method, the splits base / novel / hm with seed mean, std
     and count (%), published value and gap; plus 'average' rows over the datasets, for the methods run
     on every dataset of their backbone and shots (when there are several datasets)."""
-    df = df[df["protocol"] == "base_to_novel"]
+    df = _with_draws(df[df["protocol"] == "base_to_novel"])
     t = summarize(df)
     keys = ["method", "backbone", "shots", "setting"]
     every = set().union(*(_covers(g, keys, "dataset", set(g["dataset"]))
@@ -180,20 +212,22 @@ def base_to_novel_comparison(df: pd.DataFrame) -> pd.DataFrame:
     full = _covers(df, keys, "dataset", PAPER_DATASETS)
     t = _ordered(t)
     comparable = (t["dataset"] != AVERAGE) | _in(t, keys, full)
-    return _with_published(t, _published_long("base_to_novel"), ["method", "dataset", "split"], comparable)[_COLUMNS]
+    t = _with_published(t, _published_long("base_to_novel"), ["method", "dataset", "split"], comparable)
+    return _with_intervals(t)[_COLUMNS]
 
 
 def transfer_comparison(df: pd.DataFrame, protocol: str) -> pd.DataFrame:
     """Table 2 (cross_dataset) or 3 (domain_generalization) as tidy rows: per source dataset and
     method, the splits (the source, each target, 'average' over targets) with seed mean, std and
     count (%), published value (source ImageNet only) and gap."""
-    df = df[df["protocol"] == protocol]
+    df = _with_draws(df[df["protocol"] == protocol])
     t = _ordered(summarize(df))
     keys = ["dataset", "method", "backbone", "shots", "setting"]
     targets = df[(df["split"] != df["dataset"]) & (df["split"] != AVERAGE)]
     full = _covers(targets, keys, "split", PAPER_TARGETS[protocol])
     comparable = (t["split"] != AVERAGE) | _in(t, keys, full)
-    return _with_published(t, _published_long(protocol), ["method", "dataset", "split"], comparable)[_COLUMNS]
+    return _with_intervals(_with_published(t, _published_long(protocol), ["method", "dataset", "split"],
+                                           comparable))[_COLUMNS]
 
 
 def _average_over_domains(df: pd.DataFrame) -> pd.DataFrame:
@@ -201,13 +235,15 @@ def _average_over_domains(df: pd.DataFrame) -> pd.DataFrame:
     seeds that held out every domain of their set (`params.domains_of`), as GuiDG's Table 8 averages."""
     keys = [k for k in CELL_KEYS if k != "seed"]
     rows = []
-    for k, g in df.groupby(keys, sort=False):
+    for k, g in _with_draws(df).groupby(keys, sort=False):
         w = g.pivot_table(index="seed", columns="split", values="acc")
         every = P.domains_of(k[keys.index("dataset")])
         if set(every) <= set(w.columns):
-            rows += [{**dict(zip(keys, k)), "seed": seed, "split": AVERAGE, "acc": v}
-                     for seed, v in w[every].dropna().mean(axis=1).items()]
-    return pd.DataFrame(rows, columns=CELL_KEYS + ["split", "acc"])
+            for seed, v in w[every].dropna().mean(axis=1).items():
+                mine = g[(g["seed"] == seed) & g["split"].isin(every)]
+                rows.append({**dict(zip(keys, k)), "seed": seed, "split": AVERAGE, "acc": v,
+                             "boot": stats.mean_draws(list(mine["boot"])), **budget_mean([(None, mine)]).iloc[0]})
+    return pd.DataFrame(rows, columns=CELL_KEYS + ["split", "acc", "boot"] + BUDGET)
 
 
 def _domain_rank(datasets: pd.Series, domains: pd.Series) -> pd.Series:
@@ -221,12 +257,12 @@ def multi_source_comparison(df: pd.DataFrame) -> pd.DataFrame:
     per held-out domain and 'average' over the domains (rows that held out every domain of the set), with
     seed mean, std and count (%), the published value (PACS, VLCS, TerraIncognita at ViT-B-16, 16 shots)
     and gap."""
-    df = df[df["protocol"] == "multi_source_dg"]
+    df = _with_draws(df[df["protocol"] == "multi_source_dg"])
     t = summarize(pd.concat([df, _average_over_domains(df)], ignore_index=True))
     t = _ordered(t.iloc[_domain_rank(t["dataset"], t["split"]).argsort(kind="stable")])
     pub = _published_ours("multi_source_dg").rename(columns={"domain": "split", "acc": "published"})
-    return _with_published(t, pub[["method", "dataset", "split", "published"]], ["method", "dataset", "split"],
-                           pd.Series(True, index=t.index))[_COLUMNS]
+    return _with_intervals(_with_published(t, pub[["method", "dataset", "split", "published"]],
+                                           ["method", "dataset", "split"], pd.Series(True, index=t.index)))[_COLUMNS]
 
 
 def ablation_comparison(df: pd.DataFrame) -> pd.DataFrame:
@@ -234,7 +270,7 @@ def ablation_comparison(df: pd.DataFrame) -> pd.DataFrame:
     novel / hm averaged over the datasets that every row of the same backbone and shots ran on
     (`datasets` of them), then over seeds; published value (the paper's Table 4) and gap."""
     row_of = {"zeroshot": REFERENCE_ROW, **{m: r for r, m in ablation_rows().items()}}
-    df = df[(df["protocol"] == "base_to_novel") & df["method"].isin(row_of)]
+    df = _with_draws(df[(df["protocol"] == "base_to_novel") & df["method"].isin(row_of)])
     common = [g[g["dataset"].isin(set.intersection(*(set(m["dataset"]) for _, m in g.groupby("method"))))]
               for _, g in df.groupby(["backbone", "shots"], sort=False)]  # datasets every row ran on
     df = pd.concat(common) if common else df
@@ -246,7 +282,7 @@ def ablation_comparison(df: pd.DataFrame) -> pd.DataFrame:
     pub = published("ablation").melt(id_vars=["row"], value_vars=list(B2N_SPLITS), var_name="split",
                                      value_name="published")
     out = _with_published(t, pub, ["row", "split"], _in(t, keys, _covers(df, keys, "dataset", PAPER_DATASETS)))
-    return out.sort_values("row", kind="stable")[["row", "datasets"] + _COLUMNS].reset_index(drop=True)
+    return _with_intervals(out).sort_values("row", kind="stable")[["row", "datasets"] + _COLUMNS].reset_index(drop=True)
 
 
 def paper_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -267,22 +303,54 @@ def method_labels(t: pd.DataFrame) -> pd.Series:
     return t["method"] + t["descriptions"].map(lambda kind: f" ({kind})" if kind else "")
 
 
+def interval_text(lo: float, hi: float, sign: bool = False) -> str:
+    """'[lo, hi]' in points, '—' without an interval."""
+    return MISSING if lo is None or math.isnan(lo) else f"[{_fmt(lo, sign)}, {_fmt(hi, sign)}]"
+
+
+def _count(v: float) -> str:
+    return MISSING if math.isnan(v) else f"{v:.0f}" if v < 1e4 else f"{v / 1e3:.1f}k" if v < 1e6 else f"{v / 1e6:.2f}M"
+
+
+def _seconds(v: float) -> str:
+    """Seconds in a fixed width (a printed table keeps its layout from run to run)."""
+    return f"{MISSING:>9}" if math.isnan(v) else f"{v:7.1f} s"
+
+
+def display_budget(t: pd.DataFrame, index: list[str]) -> pd.DataFrame:
+    """The mean budget of each display row's records: optimizer steps, images seen, trained parameters,
+    training and evaluation seconds ('—' where not recorded)."""
+    b = t.groupby(index, sort=False)[["steps", "images_seen", "parameters", "train_s", "eval_s"]].mean()
+    out = pd.DataFrame({"steps": b["steps"].map(_count), "images seen": b["images_seen"].map(_count),
+                        "parameters": b["parameters"].map(_count), "train": b["train_s"].map(_seconds),
+                        "eval": b["eval_s"].map(_seconds)})
+    out.columns = pd.MultiIndex.from_product([["budget"], out.columns])
+    return out
+
+
+def display_index(t: pd.DataFrame) -> list[str]:
+    """The row labels of a displayed table: ablation row or dataset, the settings that vary, the method."""
+    varying = [k for k in ("backbone", "shots", "setting") if t[k].nunique() > 1]
+    return (["row"] if "row" in t.columns else ["dataset"]) + varying + ["method"]
+
+
 def display_table(t: pd.DataFrame) -> pd.DataFrame:
     """A tidy comparison table for reading: one row per setting and method (with its description
     provider's kind, `method_labels`), and per split the columns `ours` ('mean ± std' over seeds),
-    `published` and `gap` ('—' where there is none)."""
+    `95% CI` (bootstrap over test images of the seed mean), `published` and `gap` ('—' where there is
+    none); then the rows' mean budget (`display_budget`)."""
     if t.empty:
         return pd.DataFrame()
-    varying = [k for k in ("backbone", "shots", "setting") if t[k].nunique() > 1]
-    index = (["row"] if "row" in t.columns else ["dataset"]) + varying + ["method", "seeds"] \
-        + (["datasets"] if "datasets" in t.columns else [])
+    index = display_index(t) + ["seeds"] + (["datasets"] if "datasets" in t.columns else [])
+    values = ["ours", CI, "published", "gap"]
     cells = t.assign(method=method_labels(t),
         ours=[_fmt(m) + (f" ± {s:.2f}" if n > 1 else "") for m, s, n in zip(t["mean"], t["std"], t["seeds"])],
-        published=t["published"].map(_fmt), gap=t["gap"].map(lambda v: _fmt(v, sign=True)))
-    w = cells.pivot_table(index=index, columns="split", values=["ours", "published", "gap"], aggfunc="first",
-                          sort=False)
+        published=t["published"].map(_fmt), gap=t["gap"].map(lambda v: _fmt(v, sign=True)),
+        **{CI: [interval_text(lo, hi) for lo, hi in zip(t["lo"], t["hi"])]})
+    w = cells.pivot_table(index=index, columns="split", values=values, aggfunc="first", sort=False)
     splits = list(dict.fromkeys(t["split"]))
-    return w.swaplevel(axis=1).reindex(columns=pd.MultiIndex.from_product([splits, ["ours", "published", "gap"]]))
+    w = w.swaplevel(axis=1).reindex(columns=pd.MultiIndex.from_product([splits, values]))
+    return w.join(display_budget(cells, index))
 
 
 def published_note(t: pd.DataFrame) -> str:
@@ -304,15 +372,29 @@ def incomplete(t: pd.DataFrame) -> list[str]:
 # ----------------------------------------------------------------------------- figures
 
 
-def bar_chart(t: pd.DataFrame, path: str | Path, title: str) -> Path:
-    """Grouped bars of a comparison table, saved as PNG at `path` (returned): one panel per dataset
-    (and backbone / shots where those vary), methods along x, one bar per split (base / novel / hm, or source / targets / average) with the
-    seed std as error bar; published values, where matched, as black ticks."""
+def panels_of(t: pd.DataFrame) -> tuple[pd.Series, list[str]]:
+    """Each row's figure panel (its dataset, and backbone / shots / setting where those vary), and the panels."""
     panel_of = t["dataset"].astype(str)
     for key in ("backbone", "shots", "setting"):  # settings that vary get panels of their own
         if t[key].nunique() > 1:
             panel_of = panel_of + f", {key} " + t[key].astype(str)
-    panels = list(dict.fromkeys(panel_of))
+    return panel_of, list(dict.fromkeys(panel_of))
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Save `fig` as PNG at `path` (its folder made); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def bar_chart(t: pd.DataFrame, path: str | Path, title: str) -> Path:
+    """Grouped bars of a comparison table, saved as PNG at `path` (returned): one panel per dataset
+    (and backbone / shots where those vary), methods along x, one bar per split (base / novel / hm, or
+    source / targets / average) with the 95% bootstrap interval as error bar (none where a row has no
+    interval); published values, where matched, as black ticks."""
+    panel_of, panels = panels_of(t)
     cols = min(len(panels), 3)
     rows = math.ceil(len(panels) / cols)
     t = t.assign(method=method_labels(t))
@@ -327,7 +409,8 @@ def bar_chart(t: pd.DataFrame, path: str | Path, title: str) -> Path:
         for j, split in enumerate(splits):
             s = d[d["split"] == split].set_index("method").reindex(methods)
             x = [i + (j - (len(splits) - 1) / 2) * width for i in range(len(methods))]
-            ax.bar(x, s["mean"], width, yerr=s["std"], capsize=2, label=split)
+            err = [(s["mean"] - s["lo"]).fillna(0), (s["hi"] - s["mean"]).fillna(0)]
+            ax.bar(x, s["mean"], width, yerr=err, capsize=2, label=split)
             ax.scatter(x, s["published"], marker="_", s=120, color="black", zorder=3,
                        label="published" if j == 0 and s["published"].notna().any() else None)
         ax.set_xticks(range(len(methods)), methods, rotation=20, ha="right")
@@ -339,10 +422,7 @@ def bar_chart(t: pd.DataFrame, path: str | Path, title: str) -> Path:
         ax.set_visible(False)
     axes[0].legend(fontsize="small", ncols=min(len(splits) + 1, 4), loc="upper left")
     fig.suptitle(textwrap.fill(title, width=int(8 * fig.get_figwidth())))  # ~8 title characters per inch
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path)
 
 
 def guidance_table(g: pd.DataFrame) -> pd.DataFrame:
@@ -384,16 +464,13 @@ def attention_heatmap(g: pd.DataFrame, path: str | Path) -> Path:
         ax.set_ylabel("held-out domain")
         ax.set_title(f"{dataset}: {method}")
         fig.colorbar(image, ax=ax, shrink=0.8, label="mean attention weight")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- report
 
 
-def _markdown(df: pd.DataFrame) -> str:
+def markdown_table(df: pd.DataFrame) -> str:
     """A data frame (flat or two-level columns) as a Markdown table."""
     flat = df.reset_index()
     header = [" ".join(str(p) for p in (c if isinstance(c, tuple) else (c,)) if str(p)) for c in flat.columns]
@@ -418,32 +495,3 @@ def published_multi_source() -> pd.DataFrame:
     pub = published("multi_source_dg")
     pub = pub[pub["domain"] == AVERAGE]
     return pub.pivot_table(index="label", columns="dataset", values="acc", sort=False)
-
-
-def write_report(tables: Mapping[str, pd.DataFrame], out_dir: str | Path, records: int) -> Path:
-    """Write `report.md` and one PNG per non-empty table into `out_dir`; returns the report's path."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lines = ["# GLAD reproduction report", "",
-             f"{records} records. Reproduced accuracies are seed means ± std (%); `published` is the "
-             f"published number of the same setting where one exists, `gap` = ours − published "
-             f"(points, {MISSING} = none). HM as the paper computes it: of the seed- (and dataset-) "
-             f"averaged base and novel accuracies.", ""]
-    for i, (name, t) in enumerate(tables.items(), 1):
-        lines += [f"## {TABLES[name]}", ""]
-        if t.empty:
-            lines += ["No records.", ""]
-            continue
-        png = out_dir / f"table{i}_{name}.png"
-        bar_chart(t, png, TABLES[name])
-        lines += [_markdown(display_table(t)), "", published_note(t), "", f"![{TABLES[name]}]({png.name})", ""]
-    lines += ["## Published reference: averages (ViT-B/16, 16 shots; GLAD paper, Tables 1-3)", ""]
-    for name, ref in published_reference().items():
-        lines += [f"### {TABLES[name]}", "", _markdown(ref), ""]
-    lines += [f"### {TABLES['ablation']}", "", _markdown(published("ablation").set_index("row")[
-        ["method", *B2N_SPLITS]]), ""]
-    lines += [f"### {TABLES['multi_source_dg']}: average over held-out domains", "",
-              _markdown(published_multi_source()), ""]
-    path = out_dir / "report.md"
-    path.write_text("\n".join(lines))
-    return path

@@ -7,19 +7,25 @@ from typing import Iterator
 
 import pandas as pd
 
+from . import stats
 from .methods.base import NOT_IDENTITY
 
 CELL_KEYS = ["protocol", "dataset", "method", "descriptions", "backbone", "shots", "setting", "seed"]
 _NAMING = ("protocol", "dataset", "method", "backbone", "shots", "seed")  # the cell's name, not a setting
 
 
-def harmonic_mean(base: float, novel: float) -> float:
-    """HM = 2 b n / (b + n), the base-to-novel summary (0 when both are 0)."""
-    return 2 * base * novel / (base + novel) if base + novel > 0 else 0.0
+#: A record's budget (`budget`): optimizer steps, images seen by them, trained parameters, seconds of
+#: training and of evaluation, and the device.
+BUDGET = ["steps", "images_seen", "parameters", "train_s", "eval_s", "device"]
+#: Per row, besides the cell keys: the split, its accuracy and 95% interval, and (evaluated splits) the
+#: test size, the test list's digest and the per-image correctness (`glad_core.stats`).
+EVIDENCE = ["split", "acc", "lo", "hi", "n", "test", "correct"]
 
 
 def collect(results_dir: str | Path = "results") -> pd.DataFrame:
-    """Every record under `results_dir` as rows: cell keys, `split` (base / novel / hm / a target), `acc`.
+    """Every record under `results_dir` as rows: cell keys, `split` (base / novel / hm / a target), `acc`,
+    its bootstrap interval `lo` / `hi` and, for an evaluated split (not hm or an average), `n`, `test` and
+    `correct` (`EVIDENCE`; None or NaN in records written without them), then the record's `BUDGET`.
 
     `descriptions` is the kind of description provider the record's test images were described by
     (MuGCP's "retrieval", "class", "mllm", "oracle"; `descriptions.kind` of the record), '' for runs
@@ -38,12 +44,26 @@ def collect(results_dir: str | Path = "results") -> pd.DataFrame:
         differing = sorted({k for v in variants for k in v if any(w.get(k) != v.get(k) for w in variants)})
         mine = _variant(rec)
         setting = ", ".join(f"{k}={json.loads(mine[k]) if k in mine else None}" for k in differing)
+        intervals, cost = rec.get("intervals", {}), budget(rec)
         for split, acc in rec["metrics"].items():
+            lo, hi = intervals.get(split, (float("nan"), float("nan")))
             rows.append({**{k: rec["cell"][k] for k in CELL_KEYS if k not in ("setting", "descriptions")},
                          "descriptions": (record_info(rec).get("descriptions") or {}).get("kind", ""),
                          "setting": setting,
-                         "split": split, "acc": acc, "record": str(path)})
-    return pd.DataFrame(rows, columns=CELL_KEYS + ["split", "acc", "record"])
+                         "split": split, "acc": acc, "lo": lo, "hi": hi,
+                         "n": rec.get("test_sizes", {}).get(split), "test": rec.get("test_items", {}).get(split),
+                         "correct": rec.get("correct", {}).get(split), **cost, "record": str(path)})
+    return pd.DataFrame(rows, columns=CELL_KEYS + EVIDENCE + BUDGET + ["record"])
+
+
+def budget(rec: dict) -> dict:
+    """A record's `BUDGET` (None where it was not recorded: images seen and parameters before they were,
+    and every count of a record that reused an adapter without recording its fit's budget)."""
+    train, timings = rec.get("train", {}), rec.get("timings", {})
+    known = "images_seen" in train or not train.get("reused_adapter")
+    return {"steps": train.get("steps") if known else None, "images_seen": train.get("images_seen"),
+            "parameters": train.get("parameters"), "train_s": train.get("seconds") if known else None,
+            "eval_s": timings.get("eval_s"), "device": rec.get("device")}
 
 
 def _records(results_dir: str | Path) -> Iterator[tuple[Path, dict]]:
@@ -78,12 +98,24 @@ def record_info(rec: dict) -> dict:
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean and standard deviation over seeds (in %), with the number of seeds, per cell and split."""
+    """Mean and standard deviation over seeds (in %), with the number of seeds, per cell and split; the
+    seed mean's bootstrap draws (`boot`, draw by draw; None unless every seed has draws) where `df` has
+    them (`stats.record_draws`), and the mean `BUDGET` of the seeds' records (devices listed)."""
     keys = [k for k in CELL_KEYS if k != "seed"] + ["split"]
-    g = df.assign(acc=100 * df["acc"]).groupby(keys, sort=False)["acc"]
-    out = g.agg(mean="mean", std="std", seeds="count").reset_index()
+    g = df.assign(acc=100 * df["acc"]).groupby(keys, sort=False)
+    out = g["acc"].agg(mean="mean", std="std", seeds="count").reset_index()
     out["std"] = out["std"].fillna(0.0)
-    return out
+    out["boot"] = [stats.mean_draws(list(b)) for _, b in g["boot"]] if "boot" in df.columns else None
+    return out.join(budget_mean(g))
+
+
+def budget_mean(groups) -> pd.DataFrame:
+    """The mean `BUDGET` numbers of grouped rows (NaN where none was recorded), their devices joined."""
+    numbers = [k for k in BUDGET if k != "device"]
+    return pd.DataFrame([{**{k: pd.to_numeric(d[k], errors="coerce").mean() if k in d else float("nan")
+                             for k in numbers},
+                          "device": ", ".join(sorted(set(d["device"].dropna()))) if "device" in d else ""}
+                         for _, d in groups], columns=BUDGET)
 
 
 def guidance(results_dir: str | Path = "results") -> pd.DataFrame:

@@ -44,9 +44,14 @@ def check_finite(loss: torch.Tensor, cfg: TrainConfig, epoch: int, checkpoint: s
 
 @dataclass
 class TrainResult:
+    """What a fit did: per-epoch history, and its budget: seconds, optimizer steps (every stage's), images
+    seen by those steps (with repeats), and the number of trained parameters."""
+
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     steps: int = 0
+    images_seen: int = 0
+    parameters: int = 0
 
 
 class Step:
@@ -139,7 +144,7 @@ def train(method: Method, items: Sequence[Datum], classnames: Sequence[str], tem
     total = steps or cfg.epochs * steps_per_epoch
     optimizer = method.optimizer(params)
     scheduler = method.scheduler(optimizer, total)
-    result, start_epoch = TrainResult(), 0
+    result, start_epoch = TrainResult(parameters=sum(p.numel() for p in params)), 0
     if checkpoint is not None and Path(checkpoint).exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
         method.load_state_dict(state["trained"], strict=False)
@@ -171,6 +176,7 @@ def train(method: Method, items: Sequence[Datum], classnames: Sequence[str], tem
             correct += (first_logits[0].argmax(-1) == labels).sum().item()
             seen += len(labels)
             result.steps += 1
+            result.images_seen += len(labels)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch + 1)
         result.history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": correct / seen,
@@ -202,7 +208,8 @@ class _Indexed(torch.utils.data.Dataset):
 @torch.no_grad()
 def evaluate(method: Method, items: Sequence[Datum], classnames: Sequence[str], templates: Sequence[str],
              transform: Callable, progress: bool = True, desc: str = "eval") -> dict:
-    """Top-1 accuracy and per-class accuracy of `method` on `items` (in its `inference()` mode: LoRA merged).
+    """Top-1 accuracy, per-class accuracy and per-image correctness (`correct`, in the order of `items`) of
+    `method` on `items` (in its `inference()` mode: LoRA merged).
 
     A method with frozen image features and a `feature_cache` reads the split's features from it (encoded
     once per backbone, split and transform, in the same batches)."""
@@ -237,4 +244,4 @@ def evaluate(method: Method, items: Sequence[Datum], classnames: Sequence[str], 
     hit = (pred == labels).float()
     per_class = {c: (hit[labels == k].mean().item() if (labels == k).any() else float("nan"))
                  for k, c in enumerate(classnames)}
-    return {"acc": hit.mean().item(), "n": len(items), "per_class": per_class}
+    return {"acc": hit.mean().item(), "n": len(items), "per_class": per_class, "correct": hit.bool().tolist()}

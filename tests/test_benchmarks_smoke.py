@@ -59,7 +59,8 @@ def test_smoke_run_prints_every_row_and_writes_results(tmp_path):
         assert "no GPU was available for this measurement" in written["7"][0][6]
 
 
-@pytest.mark.parametrize("script, rows", [("mugcp", 3), ("guidg", 3), ("prompts", 4), ("feature_cache", 2), ("pipeline", 1)])
+@pytest.mark.parametrize("script, rows", [("mugcp", 3), ("guidg", 3), ("prompts", 4), ("deep_prompts", 8),
+                                         ("feature_cache", 2), ("pipeline", 1)])
 def test_method_benchmarks_smoke(script, rows, tmp_path):
     out = tmp_path / "rows.json"
     proc = _script(script, "--smoke", "--json", str(out))

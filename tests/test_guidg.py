@@ -179,7 +179,11 @@ def test_experts_are_trained_per_domain_and_zero_shot_switch_after_fit(tiny_clip
     result = method.fit(items, CLASSES, TEMPLATES, progress=False, val_items=val)
     assert seen == {"photo": {"photo"}, "sketch": {"sketch"}}
     assert method.expert_names == ["photo", "sketch"] and method.expert_text.shape == (2, 3, 32)
-    assert result.steps == 2 and {h["stage"] for h in result.history} == {"expert", "guided"}
+    assert {h["stage"] for h in result.history} == {"expert", "guided"}
+    experts = [h for h in result.history if h["stage"] == "expert"]  # the budget: every stage's steps
+    assert result.steps == 2 + sum(h["steps"] for h in experts) and all(h["steps"] > 0 for h in experts)
+    assert result.images_seen == 2 * 2 * 2 + sum(h["images_seen"] for h in experts)  # 2 steps x 2 sources x 2
+    assert result.parameters == sum(p.numel() for p in method.trainable()) + method.ctx.numel()
     assert any(not torch.equal(a, b) for a, b in zip(before, method.visual.parameters()))
     assert {"ctx"} <= set(method.trained_state()) and any(k.startswith("attn.") for k in method.trained_state())
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from glad_core.data import Datum, ImageDataset
-from glad_core.results import harmonic_mean
+from glad_core.stats import harmonic_mean
 from glad_core.methods import REGISTRY, Method, build
 from glad_core.config import TrainConfig
 from glad_core.runtime import train_transform

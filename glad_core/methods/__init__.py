@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable
 
 from torch import nn
 
-from . import clip_lora, glad, guidg, mugcp, prompt_learning  # noqa: F401  (each registers its names)
+from . import clip_lora, deep_prompts, glad, guidg, mugcp, prompt_learning  # noqa: F401  (each registers its names)
 from .base import (REGISTRY, SHARED, Hparam, Method, MethodInfo, load_trained, method_info, register, save_trained,
                    table_order)
 

@@ -112,7 +112,7 @@ def train_expert(method: "GuiDG", pool: Pool, classnames: Sequence[str], progres
         val_f, val_y = frozen_features(method, pool.val, eval_transform(method.clip), cfg.eval_batch_size,
                                        cfg.num_workers, progress=False)
     best, best_ctx, history = -1.0, learner.ctx.detach().clone(), []
-    epochs = hp["expert_epochs"]
+    epochs, steps, seen = hp["expert_epochs"], 0, 0
     for epoch in tqdm(range(epochs), desc=f"expert {pool.name}", disable=not progress, leave=False):
         loader = torch.utils.data.DataLoader(data, batch_size=hp["expert_batch_size"], shuffle=True,
                                              **loader_options(cfg.num_workers, device),
@@ -120,13 +120,15 @@ def train_expert(method: "GuiDG", pool: Pool, classnames: Sequence[str], progres
         for images, labels in loader:
             loss = expert_step(method, learner, optimizer, images.to(device), labels.to(device))
             scheduler.step()
+            steps, seen = steps + 1, seen + len(labels)
         if (epoch + 1) % hp["expert_eval_every"] == 0 or epoch + 1 == epochs:
             with torch.no_grad(), autocast(device, cfg.precision):
                 acc = ((val_f @ learner().float().t()).argmax(-1) == val_y).float().mean().item()
             history.append({"epoch": epoch + 1, "loss": loss.item(), "val_acc": acc})
             if acc > best:
                 best, best_ctx = acc, learner.ctx.detach().clone()
-    return best_ctx, {"domain": pool.name, "val_acc": best, "history": history}
+    return best_ctx, {"domain": pool.name, "val_acc": best, "history": history, "steps": steps,
+                      "images_seen": seen, "parameters": learner.ctx.numel()}
 
 
 @torch.no_grad()
@@ -187,6 +189,8 @@ def fit_guidg(method: "GuiDG", items: Sequence[Datum], classnames: Sequence[str]
     if method.guided:
         experts = [train_expert(method, p, classnames, progress) for p in pools]
         result.history += [{"stage": "expert", **info} for _, info in experts]
+        for key in ("steps", "images_seen", "parameters"):  # the experts' budget, then step 2's
+            setattr(result, key, sum(info[key] for _, info in experts))
     T = step2_classifiers(method, [c for c, _ in experts] if method.guided else None, classnames, templates)
 
     params = method.trainable()
@@ -194,6 +198,7 @@ def fit_guidg(method: "GuiDG", items: Sequence[Datum], classnames: Sequence[str]
     total = cfg.epochs * hp["iterations"]
     scheduler = method.scheduler(optimizer, total)
     stepper = GradRegStep(params, optimizer, mode=method.step, rho=cfg.rho, alpha=cfg.alpha, delta=cfg.delta)
+    result.parameters += sum(p.numel() for p in params)
     transform = guidance_transform(method.clip, hp["aug_randaugment"])
     data = [ImageDataset(p.val, transform) for p in pools]
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -201,7 +206,7 @@ def fit_guidg(method: "GuiDG", items: Sequence[Datum], classnames: Sequence[str]
     bar = tqdm(total=total, desc=f"train {cfg.method}", disable=not progress, leave=False)
     for epoch in range(cfg.epochs):
         loss_sum = 0.0
-        for _ in range(hp["iterations"]):
+        for it in range(hp["iterations"]):
             batches = [[ds[i] for i in torch.randint(len(ds), (cfg.batch_size,), generator=gen).tolist()] for ds in data]
             images = torch.stack([x for b in batches for x, _ in b]).to(device)
             labels = torch.tensor([y for b in batches for _, y in b], device=device)
@@ -209,8 +214,9 @@ def fit_guidg(method: "GuiDG", items: Sequence[Datum], classnames: Sequence[str]
             loss = guided_step(method, stepper, images, labels, T)
             check_finite(loss, cfg, epoch)
             scheduler.step()
-            method.after_step(result.steps, total)
+            method.after_step(epoch * hp["iterations"] + it, total)
             result.steps += 1
+            result.images_seen += len(labels)
             loss_sum += loss.item()
             bar.update(1)
         method.after_epoch()

@@ -47,8 +47,7 @@ class CoOp(Method):
 
     def __init__(self, clip: nn.Module, tokenizer: Callable, cfg):
         super().__init__(clip, tokenizer, cfg)
-        init = self.hp["ctx_init"] or None
-        first = PromptLearner(clip, tokenizer, ["x"], n_ctx=self.hp["n_ctx"], init=init, position=self.hp["position"])
+        first = self.new_learner(["x"])
         self.ctx = nn.Parameter(first.ctx.detach().clone())  # the one trained tensor (with CoCoOp's meta-net)
         self._learners: dict[tuple, PromptLearner] = {}
         self._learned = True
@@ -61,12 +60,16 @@ class CoOp(Method):
         """The prompts of these classes around the shared context (tokenized once per class set and device)."""
         key = (tuple(classnames), self.ctx.device)
         if key not in self._learners:
-            learner = PromptLearner(self.clip, self.tokenizer, classnames, n_ctx=self.hp["n_ctx"],
-                                    init=self.hp["ctx_init"] or None, position=self.hp["position"], freeze=False)
+            learner = self.new_learner(classnames)
             del learner.ctx
             learner.ctx = self.ctx  # shared, not copied: gradients reach the method's parameter
             self._learners[key] = learner
         return self._learners[key]
+
+    def new_learner(self, classnames: Sequence[str]) -> PromptLearner:
+        """A prompt learner for these classes (`learner` replaces its context by the method's)."""
+        return PromptLearner(self.clip, self.tokenizer, classnames, n_ctx=self.hp["n_ctx"],
+                             init=self.hp["ctx_init"] or None, position=self.hp["position"], freeze=False)
 
     def _chunk(self) -> int | None:
         return None if torch.is_grad_enabled() else self.hp["prompt_chunk"]
