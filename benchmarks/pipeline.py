@@ -69,7 +69,7 @@ def run(model: str, n: int, batch: int, workers: list[int | str], rounds: int, d
         label = f"'auto' = {worker_count(w, dev)}" if w == "auto" else str(w)
         rows.append(dict(what=f"data pipeline images/s, {label} worker(s), batch {batch} ({dev.type}), / GLAD "
                               f"training step images/s",
-                         value=f"{rate:.1f} / {step_rate:.1f} = {rate / step_rate:.2f}", target=">= 1 (keeps up)",
+                         value=f"{rate:.1f} / {step_rate:.3g} = {rate / step_rate:.2f}", target=">= 1 (keeps up)",
                          met=rate >= step_rate, note=f"{n} images per pass; {rounds} rounds in {total:.0f} s"))
     return rows
 
