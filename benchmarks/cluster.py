@@ -27,7 +27,8 @@ import cloudpickle
 from distributed import Client
 
 from benchmarks.common import ROOT, parser
-from glad_core import batch, cluster
+from glad_core import cluster
+from glad_core import jobs as J
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this file
 GRIDS = {"smoke": ROOT / "params" / "smoke" / "base_to_novel.yaml",
@@ -35,11 +36,11 @@ GRIDS = {"smoke": ROOT / "params" / "smoke" / "base_to_novel.yaml",
 TARGET = 1.7
 
 
-def _empty(job: batch.Job) -> None:
+def _empty(job: J.Job) -> None:
     """A cell that does nothing: what remains is the cost of scheduling it."""
 
 
-def _sleep(job: batch.Job) -> None:
+def _sleep(job: J.Job) -> None:
     """A stand-in cell for --smoke: one second of waiting."""
     time.sleep(1.0)
 
@@ -77,7 +78,7 @@ class ClusterBench:
         return "\n".join(lines)
 
 
-def _timed(jobs: Sequence[batch.Job], client: Client, task: Callable[[batch.Job], None] | None) -> float:
+def _timed(jobs: Sequence[J.Job], client: Client, task: Callable[[J.Job], None] | None) -> float:
     t = time.perf_counter()
     failures = cluster.run(jobs, client, progress=False, **({"task": task} if task else {}))
     elapsed = time.perf_counter() - t
@@ -89,12 +90,12 @@ def _timed(jobs: Sequence[batch.Job], client: Client, task: Callable[[batch.Job]
 def measure(grid: str = "smoke", empty: int = 300, smoke: bool = False) -> ClusterBench:
     """Time the grid (the cells of its file, seed 1) and `empty` empty cells on 1 and 2 workers."""
     with tempfile.TemporaryDirectory() as tmp:
-        def jobs(name: str, **overrides) -> list[batch.Job]:
-            return batch.plan([GRIDS[grid]], {"seeds": [1], "results_dir": str(Path(tmp) / name), **overrides})
+        def jobs(name: str, **overrides) -> list[J.Job]:
+            return J.plan([GRIDS[grid]], {"seeds": [1], "results_dir": str(Path(tmp) / name), **overrides})
 
         cells = jobs("warm-up")
         if not smoke:  # file caches warm, before either configuration is timed
-            failure = batch.attempt(cells[0])
+            failure = J.attempt(cells[0])
             if failure:
                 raise RuntimeError(failure)
         bench = ClusterBench("smoke (sleeping cells)" if smoke else grid, len(cells), empty)

@@ -149,3 +149,20 @@ def image_size(model: Any) -> tuple[int, int]:
     """(height, width) of a model's input images, from its preprocessing config."""
     size = model.visual.preprocess_cfg["size"]
     return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def write_images(folder: Path, n: int, classes: int) -> list:
+    """`n` random 224x224 PNG images in `folder` as `Datum` items, labels round-robin over `classes`."""
+    import torch
+    from PIL import Image
+
+    from glad_core.data import Datum
+
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for i in range(n):
+        px = torch.randint(0, 256, (224, 224, 3), generator=g, dtype=torch.uint8)
+        path = folder / f"{i:04d}.png"
+        Image.fromarray(px.numpy()).save(path)
+        items.append(Datum(str(path), i % classes, f"c{i % classes}"))
+    return items

@@ -29,7 +29,8 @@ from benchmarks.common import parser as cli
 from benchmarks.memory import MB, PeakRSS
 from benchmarks.timing import interleave
 from glad_core.methods import build
-from glad_core.train import Step, TrainConfig
+from glad_core.config import TrainConfig
+from glad_core.train import Step
 
 TEMPLATES = ["a photo of a {}."]
 METHODS = ("lora", "coop", "ivlp", "maple", "promptsrc")

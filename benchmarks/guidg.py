@@ -30,7 +30,7 @@ from glad_core.gradreg import GradRegStep
 from glad_core.methods import build
 from glad_core.methods.guidg_train import expert_step, guided_step, step2_classifiers
 from glad_core.prompts import PromptLearner
-from glad_core.train import TrainConfig
+from glad_core.config import TrainConfig
 
 SOURCES = 3  # a leave-one-out run on a four-domain set (PACS, VLCS, OfficeHome, TerraIncognita, mini-PACS)
 

@@ -25,7 +25,8 @@ from benchmarks.timing import interleave
 from glad_core.data import Datum
 from glad_core.descriptions import DescriptionProvider, Descriptions
 from glad_core.methods import build
-from glad_core.train import Step, TrainConfig
+from glad_core.config import TrainConfig
+from glad_core.train import Step
 
 WORDS = "a small bright object with round edges lying on a wooden table near the window".split()
 

@@ -44,7 +44,8 @@ from glad_core.encode import encode_text, prompts, trim_padding
 from glad_core.gradreg import MODES, GradRegStep
 from glad_core.lora import merge_lora, unmerge_lora
 from glad_core.methods import build
-from glad_core.train import Step, TrainConfig, evaluate
+from glad_core.config import TrainConfig
+from glad_core.train import Step, evaluate
 
 TEMPLATES = ["a photo of a {}."]
 WORDS = ("red", "small", "wooden", "house", "striped", "cat", "sports", "car", "garden", "flower", "old",

@@ -20,15 +20,15 @@ def user_errors() -> tuple[type[Exception], ...]:
     """Errors of bad input (parameters, data, weights), each with a message that names the fix."""
     from .data import ImageReadError
     from .datasets import DatasetError
-    from .demo_data import DemoDataUnavailable
+    from .debian import DemoDataUnavailable
     from .models import WeightsError
 
     return P.ParamError, DatasetError, FileNotFoundError, WeightsError, DemoDataUnavailable, ImageReadError
 
 
 def cmd_prepare() -> None:
-    from .demo_data import prepare_demo_data
     from .models import load_backbone
+    from .prepare import prepare_demo_data
 
     t = time.perf_counter()
     load_backbone("glad-mini")
@@ -54,16 +54,18 @@ def cmd_run(params: dict[str, Any]) -> list[dict]:
 
 
 def cmd_demo() -> int:
-    """Every cell of params/demo/ (four protocols and the ablation) as notebooks, then the report."""
-    from . import batch
+    """Every cell of params/demo/ (four protocols and the ablation) as notebooks, then the report (glad-mini and
+    the demo data built first where missing)."""
+    from . import batch, jobs as J
 
     t = time.perf_counter()
-    files = sorted(str(p) for p in (batch.NOTEBOOK_DIR.parent / "params" / "demo").glob("*.yaml"))
+    cmd_prepare()
+    files = sorted(str(p) for p in (J.NOTEBOOK_DIR.parent / "params" / "demo").glob("*.yaml"))
     code = batch.main([*files, "--report"])
-    report = batch.report_path(P.load(files[0])["results_dir"])
+    report = J.report_path(P.load(files[0])["results_dir"])
     if report.exists():
         print("\n" + report.read_text())
-        print(f"report (with figures): {report}\nnotebooks: {batch.NOTEBOOK_DIR} (make lab)")
+        print(f"report (with figures): {report}\nnotebooks: {J.NOTEBOOK_DIR} (make lab)")
     print(f"demo took {(time.perf_counter() - t) / 60:.1f} min")
     return code
 

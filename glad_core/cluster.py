@@ -4,7 +4,7 @@
     python -m glad_core.batch params/*.yaml --scheduler tcp://host:8786     # an existing Dask cluster
     python -m glad_core.batch params/*.yaml --slurm --jobs 8 --gpus-per-job 1 --partition gpu
 
-A cell is one Dask task executing its notebook (`batch.attempt`). Every worker, whichever cluster it
+A cell is one Dask task executing its notebook (`glad_core.jobs.attempt`). Every worker, whichever cluster it
 belongs to, is prepared by the worker plugin `CellWorker`: it runs one cell at a time (a `cell`
 resource of 1, which every task asks for) and the kernels it starts use the worker's threads
 (OMP_NUM_THREADS). On the clusters made here (local, SLURM), whose sibling workers all see the same
@@ -34,8 +34,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import dask
 from distributed import Client, LocalCluster, WorkerPlugin, as_completed, get_worker
 
-from . import batch
-from .batch import BatchError, Job
+from . import jobs as J
+from .jobs import BatchError, Job
 
 CELL = "cell"  # the worker resource a cell occupies; every worker has one
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -93,7 +93,7 @@ def _on_worker(task: Callable[[Job], str | None], job: Job) -> tuple[str, str | 
 
 
 def run(jobs: Sequence[Job], client: Client, only_missing: bool = False, progress: bool = True,
-        task: Callable[[Job], str | None] = batch.attempt, pin_gpus: bool = False) -> list[str]:
+        task: Callable[[Job], str | None] = J.attempt, pin_gpus: bool = False) -> list[str]:
     """Every job not done, on the workers of `client`; returns one message per failed cell. `pin_gpus`:
     give each worker one of the GPUs it sees (for clusters whose workers all see the same ones).
 
@@ -101,9 +101,9 @@ def run(jobs: Sequence[Job], client: Client, only_missing: bool = False, progres
     ended, to the same worker (to another if that one is gone)."""
     from tqdm.auto import tqdm
 
-    todo = batch.todo(jobs, only_missing)
-    if task is batch.attempt:
-        batch.check_kernels(job.notebook for job in todo)
+    todo = J.todo(jobs, only_missing)
+    if task is J.attempt:
+        J.check_kernels(job.notebook for job in todo)
     client.register_plugin(CellWorker(pin_gpus))
     units: dict[str, deque[Job]] = {}
     for job in todo:
@@ -127,7 +127,7 @@ def run(jobs: Sequence[Job], client: Client, only_missing: bool = False, progres
         try:
             worker, failure = future.result()
         except Exception as e:  # the task itself failed (e.g. its worker died too often)
-            worker, failure = None, batch.failure(job, e)
+            worker, failure = None, J.failure(job, e)
         future.release()
         bar.update()
         bar.set_postfix_str(job.label)

@@ -128,17 +128,27 @@ VAL_IS_TEST = frozenset({"imagenet"})
 # ----------------------------------------------------------------------------- registry
 
 
+# The demo sets (built by `python -m glad_core prepare`, `glad_core.demo_data`; read here like any other).
+DEMO_DATASETS: dict[str, DatasetSpec] = {
+    "fashion_mnist": DatasetSpec("fashion_mnist", "fashion_mnist", "images", "split_glad_FashionMNIST.json",
+                                 ("a photo of a {}, a type of clothing.",), demo=True),
+    "clipart": DatasetSpec("clipart", "clipart", "images", "split_glad_Clipart.json",
+                           ("a clip art of a {}.",), demo=True),
+    "tuxpaint": DatasetSpec("tuxpaint", "tuxpaint", "images", "split_glad_TuxPaint.json",
+                            ("a photo of a {}.",), demo=True),
+    "clipart10": DatasetSpec("clipart10", "clipart10", "images", "split_glad_Clipart10.json",
+                             ("a clip art of a {}.",), demo=True),
+}
+
+
+def demo_root() -> Path:
+    """The data root of the demo sets: the cache's `data/` folder."""
+    return cache_dir() / "data"
+
+
 def _all_specs() -> dict[str, DatasetSpec]:
-    """Standard datasets, then the demo sets (imported lazily; absent until that module exists)."""
-    specs = dict(DATASETS)
-    try:
-        from .demo_data import DEMO_DATASETS
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.demo_data":
-            raise
-        return specs
-    specs.update({k: v for k, v in DEMO_DATASETS.items() if k not in specs})
-    return specs
+    """Standard datasets, then the demo sets."""
+    return {**DATASETS, **{k: v for k, v in DEMO_DATASETS.items() if k not in DATASETS}}
 
 
 def dataset_names() -> list[str]:
@@ -160,13 +170,14 @@ def load_dataset(name: str, data_root: str | Path | None = None) -> Splits:
     """Load a registered dataset as train / val / test lists.
 
     `data_root` is the folder holding the standard datasets in CoOp's layout (e.g. the folder that
-    contains `eurosat/`). Demo sets ignore it: they live under the cache's `data/` folder and are
-    built there on first use (`glad_core.demo_data.prepare_demo_data`).
+    contains `eurosat/`). Demo sets ignore it: they live under the cache's `data/` folder (`demo_root`),
+    built there by `python -m glad_core prepare`.
     """
     spec = dataset_spec(name)
     if spec.demo:
-        from .demo_data import prepare_demo_data
-        root = prepare_demo_data(names=[name])
+        root = demo_root()
+        if not (root / spec.folder / spec.split_file).is_file():
+            raise DatasetError(not_built_message(name, root / spec.folder / spec.split_file))
     elif data_root is None:
         raise DatasetError(
             f"dataset {name!r} needs a data root: pass --data-root (data_root=...) pointing at the folder "
@@ -185,6 +196,12 @@ def load_dataset(name: str, data_root: str | Path | None = None) -> Splits:
     if not split_path.is_file():
         raise DatasetError(_missing_split_message(spec, split_path))
     return load_split_file(split_path, folder / spec.image_dir, spec.name, spec.templates)
+
+
+def not_built_message(name: str, missing: Path) -> str:
+    """The error of a demo set that is not built yet ({missing} absent), naming the command that builds it."""
+    return (f"demo set {name!r} is not built ({missing} is missing): run `python -m glad_core prepare` "
+            "(or `make prepare`) once to build the demo data.")
 
 
 def _missing_folder_message(spec: DatasetSpec, root: Path, folder: Path) -> str:
@@ -281,18 +298,18 @@ def _require_dir(path: Path, what: str) -> None:
         raise DatasetError(f"{what} not found: {path} is not a folder (layout: {LAYOUT_DOC}).")
 
 
-def _subdirs(path: Path) -> list[str]:
+def list_subdirs(path: Path) -> list[str]:
     """Sorted names of the non-hidden sub-folders of `path`."""
     return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
 
 
-def _files(path: Path, extensions: tuple[str, ...] | None = None) -> list[str]:
+def list_files(path: Path, extensions: tuple[str, ...] | None = None) -> list[str]:
     """Sorted names of the non-hidden files of `path` (optionally only these extensions)."""
     return sorted(e.name for e in os.scandir(path) if e.is_file() and not e.name.startswith(".")
                   and (extensions is None or e.name.lower().endswith(extensions)))
 
 
-def _read_classnames(folder: Path) -> dict[str, str]:
+def read_classnames(folder: Path) -> dict[str, str]:
     """wnid -> class name from `classnames.txt` (the folder's own, else imagenet/'s beside it)."""
     candidates = [folder / "classnames.txt", folder.parent / "imagenet" / "classnames.txt"]
     path = next((p for p in candidates if p.is_file()), None)
@@ -314,18 +331,18 @@ def _class_folder_items(image_dir: Path, folders: Sequence[str], labels: Sequenc
     if unknown:
         raise DatasetError(f"{image_dir}: folders {unknown[:5]} are not listed in classnames.txt.")
     return [Datum(os.path.join(image_dir, f, im), y, names[f])
-            for f, y in zip(folders, labels) for im in _files(image_dir / f)]
+            for f, y in zip(folders, labels) for im in list_files(image_dir / f)]
 
 
 def _read_imagenet(spec: DatasetSpec, folder: Path) -> Splits:
     """ImageNet: images/train and images/val class folders; val serves as val and test (as in CoOp)."""
-    names = _read_classnames(folder)
+    names = read_classnames(folder)
     train_dir, val_dir = folder / spec.image_dir / "train", folder / spec.image_dir / "val"
     _require_dir(train_dir, "ImageNet training images")
     _require_dir(val_dir, "ImageNet validation images")
-    wnids = _subdirs(train_dir)
+    wnids = list_subdirs(train_dir)
     label = {w: i for i, w in enumerate(wnids)}
-    val_wnids = _subdirs(val_dir)
+    val_wnids = list_subdirs(val_dir)
     extra = [w for w in val_wnids if w not in label]
     if extra:
         raise DatasetError(f"{val_dir}: class folders {extra[:5]} have no counterpart in {train_dir}.")
@@ -336,7 +353,7 @@ def _read_imagenet(spec: DatasetSpec, folder: Path) -> Splits:
 
 def _read_imagenetv2(spec: DatasetSpec, folder: Path) -> Splits:
     """ImageNetV2: folders named by the label 0..999, in the order of classnames.txt."""
-    names = _read_classnames(folder)
+    names = read_classnames(folder)
     image_dir = folder / spec.image_dir
     _require_dir(image_dir, "ImageNetV2 images")
     missing = [str(y) for y in range(len(names)) if not (image_dir / str(y)).is_dir()]
@@ -344,16 +361,16 @@ def _read_imagenetv2(spec: DatasetSpec, folder: Path) -> Splits:
         raise DatasetError(f"{image_dir}: {len(missing)} class folders missing, e.g. {missing[:5]}.")
     wnids = list(names)
     test = [Datum(os.path.join(image_dir, str(y), im), y, names[w])
-            for y, w in enumerate(wnids) for im in _files(image_dir / str(y))]
+            for y, w in enumerate(wnids) for im in list_files(image_dir / str(y))]
     return Splits(spec.name, [names[w] for w in wnids], list(spec.templates), test=test)
 
 
 def _read_wnid_folders(spec: DatasetSpec, folder: Path) -> Splits:
     """ImageNet-Sketch / -A / -R: sorted wnid folders relabelled 0..n-1 (200 classes for -A and -R)."""
-    names = _read_classnames(folder)
+    names = read_classnames(folder)
     image_dir = folder / spec.image_dir
     _require_dir(image_dir, f"{spec.name} images")
-    wnids = _subdirs(image_dir)
+    wnids = list_subdirs(image_dir)
     test = _class_folder_items(image_dir, wnids, range(len(wnids)), names)
     return Splits(spec.name, [names[w] for w in wnids], list(spec.templates), test=test)
 
@@ -414,7 +431,7 @@ def load_folder_dataset(root: str | Path, name: str | None = None, template: str
         return load_split_file(split_file, root, name, [template])
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist; expected {root}/<class name>/<image files>.")
-    by_class = {c: [os.path.join(root, c, f) for f in _files(root / c, IMAGE_EXTENSIONS)] for c in _subdirs(root)}
+    by_class = {c: [os.path.join(root, c, f) for f in list_files(root / c, IMAGE_EXTENSIONS)] for c in list_subdirs(root)}
     if not by_class:
         raise DatasetError(f"no class folders in {root}; expected {root}/<class name>/<image files>.")
     empty = [c for c, paths in by_class.items() if not paths]

@@ -26,6 +26,7 @@ Datasets (`DEMO_DATASETS`):
 `fashion_mnist` is the cross-dataset target: its garment names share no class name with
 `tuxpaint` (whose "clothing" is their super-class, a deliberate semantic overlap).
 
+Their specs (`DEMO_DATASETS`) are in `glad_core.datasets`, which reads them like any dataset.
 `mini_pacs` (`glad_core.mini_pacs`, loaded with `glad_core.domains.load_domains`) is a four-domain
 set of the same 10 classes for multi-source domain generalization: photo (`tuxpaint`), clip art
 (`clipart10`), cartoon (Noto Color Emoji glyphs, `fonts-noto-color-emoji`) and sketch (Symbola
@@ -41,32 +42,30 @@ train / val / test = about 50/20/30 % (`clipart`), 65/10/25 % (`tuxpaint`: small
 training data as a usable test set allows) and 30/10/60 % (`clipart10`: a target, its test set
 matters most), with at least one image in each.
 
-Run `python -m glad_core.demo_data` (or `prepare_demo_data()`): about a minute, 45 MB. The unpacked
+Run `python -m glad_core prepare` (or `glad_core.prepare.prepare_demo_data()`): about a minute, 45 MB. The unpacked
 packages in `cache_dir()/debian/` (about 235 MB) are needed only to rebuild or re-check the splits
 and may be deleted. Without apt-get / dpkg-deb, `DemoDataUnavailable` explains the alternatives
 (`$GLAD_DEBIAN_ROOT`; torchvision's copy of Fashion-MNIST).
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import tarfile
 import warnings
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from pathlib import Path, PurePosixPath
-from typing import Iterable, Sequence
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .data import DatasetSpec, Datum, Splits
+from .datasets import DEMO_DATASETS, demo_root
+from .debian import DemoDataUnavailable, Package, content_dir
+from .descriptions import Descriptions, DescriptionError, load_descriptions, tuxpaint_descriptions_path
 from .io import atomic_path
 from .paths import cache_dir
 
@@ -77,32 +76,11 @@ MAX_SOURCE_PIXELS = 25_000_000
 SPLITS = ("train", "val", "test")
 
 
-class DemoDataUnavailable(RuntimeError):
-    """The Debian packages cannot be fetched here (no apt-get / dpkg-deb) and are not unpacked."""
-
-
-@dataclass(frozen=True)
-class Package:
-    """A Debian package and the directory (inside it) whose files the demo sets use.
-
-    `file`, when set, must be in that directory for a system-wide copy to count (a font folder
-    such as usr/share/fonts/truetype/noto is shared by several packages). `also`: a second suffix
-    unpacked too (Tux Paint's `.txt` descriptions beside its stamps).
-    """
-
-    name: str
-    content: str
-    suffix: str
-    file: str = ""
-    also: str = ""
-
-
 FASHION = Package("dataset-fashion-mnist", "usr/share/datasets/fashion-mnist", ".gz")
 TUXPAINT = Package("tuxpaint-stamps-default", "usr/share/tuxpaint/stamps", ".png", also=".txt")
 OPENCLIPART = Package("openclipart-png", "usr/share/openclipart/png", ".png")
 EMOJI_FONT = Package("fonts-noto-color-emoji", "usr/share/fonts/truetype/noto", ".ttf", "NotoColorEmoji.ttf")
 SYMBOLA_FONT = Package("fonts-symbola", "usr/share/fonts/truetype/ancient-scripts", ".ttf", "Symbola_hint.ttf")
-PACKAGES = {p.name: p for p in (FASHION, TUXPAINT, OPENCLIPART, EMOJI_FONT, SYMBOLA_FONT)}
 
 
 @dataclass(frozen=True)
@@ -209,108 +187,19 @@ _RECIPES: dict[str, _Recipe | None] = {
     "clipart10": _Recipe(OPENCLIPART, tuple(_CLIP[c.name] for c in _TUX10), p_val=0.1, p_test=0.6),
 }
 
-DEMO_DATASETS: dict[str, DatasetSpec] = {
-    "fashion_mnist": DatasetSpec("fashion_mnist", "fashion_mnist", "images", "split_glad_FashionMNIST.json",
-                                 ("a photo of a {}, a type of clothing.",), demo=True),
-    "clipart": DatasetSpec("clipart", "clipart", "images", "split_glad_Clipart.json",
-                           ("a clip art of a {}.",), demo=True),
-    "tuxpaint": DatasetSpec("tuxpaint", "tuxpaint", "images", "split_glad_TuxPaint.json",
-                            ("a photo of a {}.",), demo=True),
-    "clipart10": DatasetSpec("clipart10", "clipart10", "images", "split_glad_Clipart10.json",
-                             ("a clip art of a {}.",), demo=True),
-}
-
-# The multi-domain demo set (glad_core.mini_pacs): built by prepare, loaded with glad_core.domains.
-MINI_PACS = "mini_pacs"
-DEMO_SETS = (*DEMO_DATASETS, MINI_PACS)
-
-_NO_APT = """\
-Building the demo dataset(s) needs the Debian package(s) {packages}, but {missing} is not \
-available to fetch them. Either install the packages on a Debian/Ubuntu system, or unpack their \
-.deb files (`ar x` then `tar xf data.tar.*`) into one directory and set GLAD_DEBIAN_ROOT to it (the \
-directory that holds usr/share/). For fashion_mnist alone, with internet access, torchvision's \
-copy works too: python -c "import torchvision; torchvision.datasets.FashionMNIST('{torchvision}', \
-download=True)"."""
-
-
 def _torchvision_fashion_dir() -> Path:
     return cache_dir() / "torchvision" / "FashionMNIST" / "raw"
 
 
-def fetch_packages(dest: Path, packages: Sequence[str] = tuple(PACKAGES)) -> None:
-    """Download `packages` with `apt-get download` and unpack their image files into `dest`.
-
-    The .deb files are kept in `cache_dir()/debs/` only until unpacked. Raises
-    `DemoDataUnavailable` (saying what to do instead) where apt-get or dpkg-deb is missing.
-    """
-    missing = [tool for tool in ("apt-get", "dpkg-deb") if shutil.which(tool) is None]
-    if missing:
-        raise DemoDataUnavailable(_NO_APT.format(packages=", ".join(packages), missing=" and ".join(missing),
-                                                 torchvision=_torchvision_fashion_dir().parent.parent))
-    debs = cache_dir() / "debs"
-    debs.mkdir(parents=True, exist_ok=True)
-    _apt_download(packages, debs)
-    for name in packages:
-        deb = max(debs.glob(f"{name}_*.deb"))
-        _unpack(deb, dest, PACKAGES[name])
-        (dest / f".{name}.unpacked").touch()
-        deb.unlink()
-
-
-def _apt_download(packages: Sequence[str], cwd: Path) -> None:
-    """`apt-get download`, retried once after `apt-get update` when root (package lists may be empty)."""
-    cmd = ["apt-get", "download", *packages]
-    tqdm.write(f"Downloading {', '.join(packages)} with apt-get ...")
-    run = subprocess.run(cmd, cwd=cwd, stderr=subprocess.PIPE, text=True)
-    if run.returncode != 0 and os.geteuid() == 0:
-        subprocess.run(["apt-get", "update"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
-        run = subprocess.run(cmd, cwd=cwd, stderr=subprocess.PIPE, text=True)
-    if run.returncode != 0:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {run.returncode}): {run.stderr.strip()[-2000:]}\n"
-                           "Check network access to the Debian mirrors and run `apt-get update` (as root), "
-                           "or install the packages and retry.")
-
-
-def _unpack(deb: Path, dest: Path, package: Package) -> None:
-    """Extract the files (and symlinks) under `package.content` ending in `package.suffix` (or `.also`) from `deb`."""
-    content = PurePosixPath(package.content)
-    shutil.rmtree(dest / package.content, ignore_errors=True)
-    proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
-    links: list[tuple[Path, str]] = []
-    with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
-        for member in tqdm(tar, desc=f"unpacking {package.name}", unit=" files"):
-            name = PurePosixPath(os.path.normpath(member.name))
-            if not (name.is_relative_to(content) and name.suffix in (package.suffix, package.also or package.suffix)):
-                continue
-            out = dest / name
-            out.parent.mkdir(parents=True, exist_ok=True)
-            if member.isfile():
-                with tar.extractfile(member) as src, open(out, "wb") as f:
-                    shutil.copyfileobj(src, f)
-            elif member.issym():
-                links.append((out, member.linkname))
-    if proc.wait() != 0:
-        raise RuntimeError(f"dpkg-deb could not read {deb}")
-    root = (dest / package.content).resolve()
-    for out, target in links:  # symlinks last, so their targets exist; only those inside the package
-        if (out.parent / target).resolve().is_relative_to(root):
-            out.unlink(missing_ok=True)
-            out.symlink_to(target)
-
-
-def content_dir(package: Package) -> Path:
-    """Where `package`'s files are: `$GLAD_DEBIAN_ROOT`, a system-wide install, or the cache (fetched if needed)."""
-    candidates = [Path(os.environ["GLAD_DEBIAN_ROOT"]) / package.content] if os.environ.get("GLAD_DEBIAN_ROOT") else []
-    candidates.append(Path("/") / package.content)
-    if package is FASHION:
-        candidates.append(_torchvision_fashion_dir())
-    for path in candidates:
-        if path.is_dir() and (not package.file or (path / package.file).is_file()):
-            return path
-    unpacked = cache_dir() / "debian"
-    if not (unpacked / f".{package.name}.unpacked").exists():
-        fetch_packages(unpacked, [package.name])
-    return unpacked / package.content
+def fashion_dir() -> Path:
+    """Fashion-MNIST's IDX files: the Debian package's (`content_dir`) or torchvision's copy."""
+    try:
+        return content_dir(FASHION, also_in=[_torchvision_fashion_dir()])
+    except DemoDataUnavailable as e:
+        raise DemoDataUnavailable(
+            f"{e} For fashion_mnist alone, with internet access, torchvision's copy works too: python -c \"import "
+            f"torchvision; torchvision.datasets.FashionMNIST('{_torchvision_fashion_dir().parent.parent}', "
+            "download=True)\".") from None
 
 
 def _ordered(keys: Iterable[str]) -> list[str]:
@@ -326,7 +215,7 @@ def _split_sizes(n: int, p_val: float, p_test: float) -> tuple[int, int, int]:
     return n - n_val - n_test, n_val, n_test
 
 
-def _dirname(classname: str) -> str:
+def class_dirname(classname: str) -> str:
     return classname.lower().replace(" ", "_").replace("-", "_")
 
 
@@ -350,7 +239,7 @@ def _plan_fashion(src: Path) -> list[_Item]:
             start = 0
             for split in splits:
                 for i in order[start:start + FASHION_PER_CLASS[split]]:
-                    items.append(_Item(split, label, name, f"{_dirname(name)}/{part}_{i:05d}.png", images[i]))
+                    items.append(_Item(split, label, name, f"{class_dirname(name)}/{part}_{i:05d}.png", images[i]))
                 start += FASHION_PER_CLASS[split]
     return items
 
@@ -386,13 +275,13 @@ def _plan_cutouts(recipe: _Recipe, src: Path) -> list[_Item]:
         n_train, n_val, _ = _split_sizes(len(files), recipe.p_val, recipe.p_test)
         for i, rel in enumerate(_ordered(files)):
             split = "train" if i < n_train else "val" if i < n_train + n_val else "test"
-            items.append(_Item(split, label, cls.name, f"{_dirname(cls.name)}/{rel.replace('/', '_')}", src / rel))
+            items.append(_Item(split, label, cls.name, f"{class_dirname(cls.name)}/{rel.replace('/', '_')}", src / rel))
     return items
 
 
 def _plan(name: str) -> list[_Item]:
     recipe = _RECIPES[name]
-    items = _plan_fashion(content_dir(FASHION)) if recipe is None else _plan_cutouts(recipe, content_dir(recipe.package))
+    items = _plan_fashion(fashion_dir()) if recipe is None else _plan_cutouts(recipe, content_dir(recipe.package))
     if len({it.impath for it in items}) != len(items):
         raise RuntimeError(f"two images of {name} map to the same file name")
     return items
@@ -439,22 +328,16 @@ def _write_split(path: Path, obj: object) -> None:
         tmp.write_text(json.dumps(obj, indent=4, separators=(",", ": ")))
 
 
-def prepare_demo_data(force: bool = False, names: Iterable[str] | None = None) -> Path:
-    """Fetch the packages and build the demo sets (`names`, default all of `DEMO_SETS`); return the data root.
+def build_demo_sets(names: Iterable[str] | None = None, force: bool = False) -> Path:
+    """Fetch the packages and build the demo sets `names` (default all of `DEMO_DATASETS`); return the data root.
 
     A set whose split file exists is skipped unless `force`; the split file is written last
     (atomically), so an interrupted build is redone from scratch on the next call. `tuxpaint` also
     gets its stamps' own descriptions beside the split (`descriptions/tuxpaint.json`, for MuGCP),
     written with the set, or when missing.
     """
-    from .descriptions import tuxpaint_descriptions_path, write_tuxpaint_descriptions
-
-    root = cache_dir() / "data"
-    for name in names or DEMO_SETS:
-        if name == MINI_PACS:
-            from .mini_pacs import build_mini_pacs
-            build_mini_pacs(root, force)
-            continue
+    root = demo_root()
+    for name in names or DEMO_DATASETS:
         spec = DEMO_DATASETS[name]
         folder = root / spec.folder
         if (folder / spec.split_file).exists() and not force:
@@ -474,29 +357,35 @@ def prepare_demo_data(force: bool = False, names: Iterable[str] | None = None) -
     return root
 
 
-def load_demo(name: str) -> Splits:
-    """Demo set `name` (built first if needed) as `Splits` with absolute image paths."""
-    spec = DEMO_DATASETS[name]
-    folder = prepare_demo_data(names=[name]) / spec.folder
-    raw = json.loads((folder / spec.split_file).read_text())
-    image_dir = folder / spec.image_dir
-    lists = {split: [Datum(str(image_dir / impath), int(label), classname) for impath, label, classname in raw[split]]
-             for split in SPLITS}
-    classes = dict(sorted({d.label: d.classname for items in lists.values() for d in items}.items()))
-    return Splits(name, list(classes.values()), list(spec.templates), **lists)
+def write_tuxpaint_descriptions(sources: Mapping[str, Path] | None = None, force: bool = False) -> Path:
+    """Write the stamps' own descriptions of the `tuxpaint` demo images beside its split; return the file.
 
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m glad_core.demo_data", description=__doc__.split("\n\n")[0])
-    parser.add_argument("names", nargs="*", metavar="NAME",
-                        help=f"demo sets to build (default: all of {', '.join(DEMO_SETS)})")
-    parser.add_argument("--force", action="store_true", help="rebuild even if already built")
-    args = parser.parse_args(argv)
-    unknown = sorted(set(args.names) - set(DEMO_SETS))
-    if unknown:
-        parser.error(f"unknown demo set(s) {', '.join(unknown)}; choose from {', '.join(DEMO_SETS)}")
-    print(prepare_demo_data(force=args.force, names=args.names or None))
-
-
-if __name__ == "__main__":
-    main()
+    `sources` maps each image (relative path) to the stamp `.png` it was made from (default: the
+    demo recipe's plan). Each text is the first (English) line of the `.txt` beside that `.png`,
+    read beside the unpacked images when present, else from a text-only unpack of the package. An
+    existing file that covers exactly the split's images is kept unless `force`.
+    """
+    out = tuxpaint_descriptions_path()
+    split = out.parent.parent / DEMO_DATASETS["tuxpaint"].split_file
+    if not split.exists():
+        raise DescriptionError(f"the tuxpaint demo set is not built ({split} missing): run "
+                               "`python -m glad_core prepare` first.")
+    built = {row[0] for rows in json.loads(split.read_text()).values() for row in rows}
+    if out.exists() and not force and set(load_descriptions(out).images) == built:
+        return out
+    sources = sources if sources is not None else {it.impath: it.source for it in _plan("tuxpaint")}
+    if set(sources) != built:
+        raise DescriptionError(f"{split} does not match the current tuxpaint recipe: rebuild it with "
+                               "`python -m glad_core.prepare tuxpaint --force`.")
+    stamps = content_dir(TUXPAINT)
+    rel = {impath: Path(src).relative_to(stamps).with_suffix(".txt") for impath, src in sources.items()}
+    if not all((stamps / r).is_file() for r in rel.values()):
+        stamps = content_dir(Package(TUXPAINT.name, TUXPAINT.content, ".txt"), dest=cache_dir() / "debian-text")
+    texts = {}
+    for impath, r in sorted(rel.items()):
+        try:
+            texts[impath] = (stamps / r).read_text(encoding="utf-8-sig").splitlines()[0].strip()
+        except (OSError, IndexError) as e:
+            raise DescriptionError(f"no description for tuxpaint image {impath!r}: cannot read {stamps / r} ({e}).") from e
+    return Descriptions("human", "tuxpaint", texts,
+                        generator=f"human: first (English) line of each stamp's .txt in {TUXPAINT.name}").save(out)

@@ -38,22 +38,20 @@ bound. MLLM descriptions of test images are what MuGCP itself uses and need no s
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath, PurePosixPath
-from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .data import Datum
+from .datasets import DEMO_DATASETS, demo_root, not_built_message
+from .debian import Package, content_dir
+from .feature_cache import frozen_features
 from .io import write_json
-from .paths import cache_dir
 
-if TYPE_CHECKING:
-    from .demo_data import Package
 
 FORMAT, VERSION = "glad-descriptions", 1
 KINDS = ("mllm", "human", "class", "retrieval", "oracle")
@@ -203,85 +201,20 @@ def unicode_descriptions(chars: Mapping[str, str], name: str = "unicode") -> Des
                         source="unicodedata")
 
 
-# ----------------------------------------------------------------------------- Debian sources
-
-
-def _debian_content(package: "Package", dest: Path) -> Path:
-    """`package.content`, holding its `package.suffix` files: `$GLAD_DEBIAN_ROOT`, system-wide, or fetched into `dest`."""
-    from .demo_data import DemoDataUnavailable, _apt_download, _unpack
-
-    roots = [Path(os.environ["GLAD_DEBIAN_ROOT"])] if os.environ.get("GLAD_DEBIAN_ROOT") else []
-    for root in roots + [Path("/")]:
-        path = root / package.content
-        if path.is_dir() and next(path.rglob(f"*{package.suffix}"), None) is not None:
-            return path
-    marker = dest / f".{package.name}{package.suffix}.unpacked"
-    if not marker.exists():
-        missing = [tool for tool in ("apt-get", "dpkg-deb") if shutil.which(tool) is None]
-        if missing:
-            raise DemoDataUnavailable(
-                f"the Debian package {package.name} is needed and {' and '.join(missing)} is missing: install it, "
-                f"or unpack its .deb into a folder and set GLAD_DEBIAN_ROOT to it (the folder that holds usr/share/).")
-        debs = cache_dir() / "debs"
-        debs.mkdir(parents=True, exist_ok=True)
-        _apt_download([package.name], debs)
-        deb = max(debs.glob(f"{package.name}_*.deb"))
-        _unpack(deb, dest, package)
-        deb.unlink()
-        marker.touch()
-    return dest / package.content
+# ----------------------------------------------------------------------------- the Tux Paint stamps' texts
 
 
 def tuxpaint_descriptions_path() -> Path:
-    from .demo_data import DEMO_DATASETS
-
-    return cache_dir() / "data" / DEMO_DATASETS["tuxpaint"].folder / "descriptions" / "tuxpaint.json"
-
-
-def write_tuxpaint_descriptions(sources: Mapping[str, Path] | None = None, force: bool = False) -> Path:
-    """Write the stamps' own descriptions of the `tuxpaint` demo images beside its split; return the file.
-
-    `sources` maps each image (relative path) to the stamp `.png` it was made from (default: the
-    demo recipe's plan). Each text is the first (English) line of the `.txt` beside that `.png`,
-    read beside the unpacked images when present, else from a text-only unpack of the package. An
-    existing file that covers exactly the split's images is kept unless `force`.
-    """
-    from .demo_data import DEMO_DATASETS, TUXPAINT, Package, _plan, content_dir
-
-    out = tuxpaint_descriptions_path()
-    split = out.parent.parent / DEMO_DATASETS["tuxpaint"].split_file
-    if not split.exists():
-        raise DescriptionError(f"the tuxpaint demo set is not built ({split} missing): run "
-                               "`python -m glad_core.demo_data tuxpaint` first.")
-    built = {row[0] for rows in json.loads(split.read_text()).values() for row in rows}
-    if out.exists() and not force and set(load_descriptions(out).images) == built:
-        return out
-    sources = sources if sources is not None else {it.impath: it.source for it in _plan("tuxpaint")}
-    if set(sources) != built:
-        raise DescriptionError(f"{split} does not match the current tuxpaint recipe: rebuild it with "
-                               "`python -m glad_core.demo_data tuxpaint --force`.")
-    stamps = content_dir(TUXPAINT)
-    rel = {impath: Path(src).relative_to(stamps).with_suffix(".txt") for impath, src in sources.items()}
-    if not all((stamps / r).is_file() for r in rel.values()):
-        stamps = _debian_content(Package(TUXPAINT.name, TUXPAINT.content, ".txt"), cache_dir() / "debian-text")
-    texts = {}
-    for impath, r in sorted(rel.items()):
-        try:
-            texts[impath] = (stamps / r).read_text(encoding="utf-8-sig").splitlines()[0].strip()
-        except (OSError, IndexError) as e:
-            raise DescriptionError(f"no description for tuxpaint image {impath!r}: cannot read {stamps / r} ({e}).") from e
-    return Descriptions("human", "tuxpaint", texts,
-                        generator=f"human: first (English) line of each stamp's .txt in {TUXPAINT.name}").save(out)
+    """Where the `tuxpaint` demo set's descriptions are kept (written with the set, `glad_core.demo_data`)."""
+    return demo_root() / DEMO_DATASETS["tuxpaint"].folder / "descriptions" / "tuxpaint.json"
 
 
 def tuxpaint_descriptions() -> Descriptions:
-    """The Tux Paint stamps' human descriptions of the `tuxpaint` demo images (the set and they are built first
-    if needed: `prepare_demo_data` writes them)."""
+    """The Tux Paint stamps' human descriptions of the `tuxpaint` demo images (written with the set by
+    `python -m glad_core prepare`)."""
     path = tuxpaint_descriptions_path()
     if not path.exists():
-        from .demo_data import prepare_demo_data
-
-        prepare_demo_data(names=["tuxpaint"])
+        raise DescriptionError(not_built_message("tuxpaint", path))
     return load_descriptions(path)
 
 
@@ -289,6 +222,9 @@ def tuxpaint_descriptions() -> Descriptions:
 
 _MORPHY = (("s", ""), ("ses", "s"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"),
            ("men", "man"), ("ies", "y"))  # WordNet's detachment rules for nouns
+
+
+WORDNET = Package("wordnet-base", "usr/share/wordnet", ".noun")
 
 
 class WordNet:
@@ -314,10 +250,7 @@ class WordNet:
     def folder(self) -> Path:
         """The folder holding `index.noun` and `data.noun` (fetched from `wordnet-base` if needed)."""
         if self._folder is None:
-            from .demo_data import Package
-
-            self._folder = _debian_content(Package("wordnet-base", "usr/share/wordnet", ".noun"),
-                                           cache_dir() / "debian")
+            self._folder = content_dir(WORDNET)
         return self._folder
 
     def _first_sense(self) -> dict[str, str]:
@@ -402,10 +335,8 @@ def retrieve(query: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> tupl
 def frozen_image_features(method, items: Sequence[Datum], transform: Callable, batch_size: int = 64,
                           progress: bool = False) -> torch.Tensor:
     """Normalised image features [N, D] of `items` under the frozen model (a method's `zero_shot()`)."""
-    from .train import image_features
-
     with method.zero_shot():
-        return image_features(method, items, transform, batch_size, progress=progress, desc="describe")[0]
+        return frozen_features(method, items, transform, batch_size, progress=progress, desc="describe")[0]
 
 
 # ----------------------------------------------------------------------------- the provider

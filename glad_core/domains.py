@@ -47,8 +47,9 @@ from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
 from .data import Datum, Splits
-from .datasets import (IMAGE_EXTENSIONS, DatasetError, _files, _read_classnames, _subdirs, dataset_spec, fewshot,
-                       load_dataset, load_split_file, save_split_file, split_per_class)
+from .datasets import (IMAGE_EXTENSIONS, DatasetError, dataset_spec, demo_root, fewshot, list_files, list_subdirs,
+                       load_dataset, load_split_file, not_built_message, read_classnames, save_split_file,
+                       split_per_class)
 from .paths import cache_dir
 
 PHOTO_TEMPLATE = ("a photo of a {}.",)
@@ -148,7 +149,7 @@ def load_domains(name: str, data_root: str | Path | None = None, split_seed: int
     """A multi-domain set by name, split (and its split files written) on first use.
 
     `data_root` holds the DomainBed folders (or CoOp's ImageNet folders for ImageNet-DG); the
-    demo set mini-PACS ignores it and is built in the glad cache when missing.
+    demo set mini-PACS ignores it (it is built in the glad cache by `python -m glad_core prepare`).
     """
     if name in IMAGENET_DG:
         return load_imagenet_dg(name, _require_root(name, data_root, "CoOp's ImageNet folders"), split_seed)
@@ -158,8 +159,11 @@ def load_domains(name: str, data_root: str | Path | None = None, split_seed: int
         raise DatasetError(f"unknown multi-domain set {name!r}.{hint} Valid names: {', '.join(domain_set_names())}.")
     spec = DOMAINBED[name]
     if spec.demo:
-        from .demo_data import prepare_demo_data
-        root = prepare_demo_data(names=[name])
+        root = demo_root()
+        missing = [root / spec.folders[0] / split_file_name(d, split_seed) for d in spec.domains]
+        missing = [p for p in missing if not p.is_file()]
+        if missing:
+            raise DatasetError(not_built_message(name, missing[0]))
     else:
         root = _require_root(name, data_root, f"{spec.folders[0]}/ ({DOMAINBED_DOC})")
     folder = next((root / f for f in spec.folders if (root / f).is_dir()), None)
@@ -189,7 +193,7 @@ def split_file_name(domain: str, seed: int) -> str:
 def read_domain_folders(spec: DomainSetSpec, folder: Path, split_seed: int = 1) -> MultiDomain:
     """Every domain of `spec` under `folder`, from its split file (written first if missing)."""
     domain_dirs = {d: _domain_dir(spec, folder, d) for d in spec.domains}
-    classes = {d: _subdirs(p) for d, p in domain_dirs.items()}
+    classes = {d: list_subdirs(p) for d, p in domain_dirs.items()}
     classnames = sorted(set().union(*classes.values()))
     for d, found in classes.items():
         if found != classnames or len(classnames) != spec.num_classes:
@@ -203,7 +207,7 @@ def read_domain_folders(spec: DomainSetSpec, folder: Path, split_seed: int = 1) 
         fname = split_file_name(d, split_seed)
         existing = _find(split_dirs, fname)
         if existing is None:
-            groups = [[Datum(os.path.join(path, c, f), y, c, d) for f in _files(path / c, IMAGE_EXTENSIONS)]
+            groups = [[Datum(os.path.join(path, c, f), y, c, d) for f in list_files(path / c, IMAGE_EXTENSIONS)]
                       for y, c in enumerate(classnames)]
             train, val, test = split_per_class(groups, VAL_FRAC, TEST_FRAC, split_seed, str(path), min_train=0)
             domains[d] = Splits(f"{spec.name}/{d}", list(classnames), list(spec.templates), train=train, val=val,
@@ -222,7 +226,7 @@ def _domain_dir(spec: DomainSetSpec, folder: Path, domain: str) -> Path:
     path = next((folder / n for n in names if (folder / n).is_dir()), None)
     if path is None:
         raise DatasetError(f"domain {domain!r} of {spec.name!r} not found: {folder / domain} is not a folder "
-                           f"(found {_subdirs(folder)}). Expected {DOMAINBED_DOC}, with domains "
+                           f"(found {list_subdirs(folder)}). Expected {DOMAINBED_DOC}, with domains "
                            f"{', '.join(spec.domains)}.")
     return path
 
@@ -276,7 +280,7 @@ def _wnid_items(splits: Splits, data_root: Path, part: str) -> list[tuple[str, D
     """(wnid, item) for `part` of a CoOp-layout ImageNet set; ImageNetV2's folder y is line y's wnid."""
     items = getattr(splits, part)
     if splits.name == "imagenetv2":
-        wnids = list(_read_classnames(data_root / dataset_spec("imagenetv2").folder))
+        wnids = list(read_classnames(data_root / dataset_spec("imagenetv2").folder))
         return [(wnids[int(Path(d.impath).parent.name)], d) for d in items]
     return [(Path(d.impath).parent.name, d) for d in items]
 

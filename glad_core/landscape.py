@@ -38,7 +38,9 @@ from .gradreg import dot
 from .lora import lora_layers
 from .methods import Method, build, load_trained
 from .protocols import Cell, run_cell
-from .train import Step, TrainConfig, resolve_device
+from .config import TrainConfig
+from .runtime import resolve_device
+from .train import Step
 
 Loss = Callable[[], torch.Tensor]
 Vector = list[torch.Tensor]  # one tensor per parameter: a point or direction in θ-space

@@ -30,10 +30,12 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from .demo_data import (DEMO_DATASETS, EMOJI_FONT, MINI_PACS, SYMBOLA_FONT, Package, _dirname, content_dir, on_white,
-                        prepare_demo_data)
+from .datasets import DEMO_DATASETS
+from .debian import Package, content_dir
+from .demo_data import EMOJI_FONT, SYMBOLA_FONT, build_demo_sets, class_dirname, on_white
 from .domains import DOMAINBED, read_domain_folders, split_file_name
 
+NAME = "mini_pacs"
 SPLIT_SEED = 1
 COPIED = {"photo": "tuxpaint", "clip_art": "clipart10"}  # domain -> demo set whose images it reuses
 
@@ -117,7 +119,7 @@ GLYPHS: dict[str, tuple[tuple[int, str], ...]] = {
 
 def glyph_file(classname: str, codepoint: int, name: str) -> str:
     """Path of a glyph image inside its domain folder: <class>/<code point>_<name>.png."""
-    return f"{_dirname(classname)}/{codepoint:05x}_{name.lower().replace(' ', '_').replace('-', '_')}.png"
+    return f"{class_dirname(classname)}/{codepoint:05x}_{name.lower().replace(' ', '_').replace('-', '_')}.png"
 
 
 def font_path(domain: str) -> Path:
@@ -155,11 +157,11 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def build_mini_pacs(root: Path, force: bool = False) -> Path:
     """Write mini-PACS under `root/mini_pacs` (skipped when its split files exist, unless `force`)."""
-    spec = DOMAINBED[MINI_PACS]
+    spec = DOMAINBED[NAME]
     folder = root / spec.folders[0]
     if not force and all((folder / split_file_name(d, SPLIT_SEED)).is_file() for d in spec.domains):
         return folder
-    built = prepare_demo_data(names=list(COPIED.values()))
+    built = build_demo_sets(names=list(COPIED.values()))
     shutil.rmtree(folder, ignore_errors=True)
     for domain, name in COPIED.items():
         src = DEMO_DATASETS[name]

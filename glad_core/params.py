@@ -29,7 +29,7 @@ import yaml
 from .checks import in_range, one_of, str_list
 from .methods import REGISTRY, SHARED, Hparam
 from .protocols import PROTOCOLS, TARGET_PARTS, Cell
-from .train import TrainConfig
+from .config import TrainConfig
 
 
 class ParamError(ValueError):
@@ -59,6 +59,9 @@ PROTOCOL_KEYS: dict[str, Hparam] = {
     "pretrained": Hparam(None, "open_clip pretrained tag or local checkpoint path; null = random init", types=_OPT_STR),
     "data_root": Hparam(None, "folder holding the datasets in CoOp's layout (demo sets need none)", types=_OPT_STR),
     "results_dir": Hparam("results", "where records and adapters are written"),
+    "feature_cache": Hparam(True, "keep the image features of test splits of methods with a frozen image tower "
+                                  "in <results_dir>/feature_cache and reuse them (false: encode every time; "
+                                  "--no-feature-cache); never changes the numbers"),
     "held_out": Hparam([], "multi_source_dg: domains held out in turn (grid axis); [] = every domain", str_list,
                        _LIST),
     "target_part": Hparam("test", "multi_source_dg: test the held-out domain on its test part or on all its images",
@@ -251,7 +254,7 @@ def cells(params: dict[str, Any]) -> list[Cell]:
     p = params if isinstance(params, Validated) else validate(params)
     configs = {(m, s): train_config(p, m, s) for m in p["methods"] for s in p["seeds"]}
     shared = dict(protocol=p["protocol"], shots=p["shots"], backbone=p["backbone"], pretrained=p["pretrained"],
-                  data_root=p["data_root"], results_dir=p["results_dir"])
+                  data_root=p["data_root"], results_dir=p["results_dir"], feature_cache=p["feature_cache"])
     if p["protocol"] == "multi_source_dg":
         return [Cell(dataset=d, targets=[h], target_part=p["target_part"], train=configs[m, s], **shared)
                 for d in p["datasets"] for h in (p["held_out"] or domains_of(d)) for m in p["methods"]
@@ -300,13 +303,17 @@ def explain(source: str | Path | dict[str, Any], overrides: dict[str, Any] | Non
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`--key value` pairs; values are YAML (numbers, null, [lists]); list keys also take `a,b,c`."""
+    """`--key value` pairs; values are YAML (numbers, null, [lists]); list keys also take `a,b,c`; `--no-key`
+    (no value) sets a key whose default is a bool to false (`--no-feature-cache`)."""
     out: dict[str, Any] = {}
     it = iter(pairs)
     for flag in it:
         if not flag.startswith("--"):
             raise ParamError(f"expected --name value, got {flag!r}")
         key = flag[2:].replace("-", "_")
+        if key.startswith("no_") and isinstance(getattr(SCHEMA.get(key[3:]), "default", None), bool):
+            out[key[3:]] = False
+            continue
         try:
             raw = next(it)
         except StopIteration:

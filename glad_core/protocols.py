@@ -34,8 +34,11 @@ from .data import Splits
 from .io import write_json
 from .methods import Method, build, load_trained, save_trained
 from .methods.base import NOT_IDENTITY
-from .results import harmonic_mean
-from .train import TrainConfig, TrainResult, evaluate, image_features, resolve_device, set_seed
+from .stats import harmonic_mean
+from .config import TrainConfig
+from .feature_cache import FeatureCache
+from .runtime import image_features, resolve_device, set_seed
+from .train import TrainResult, evaluate
 
 PROTOCOLS = ("base_to_novel", "cross_dataset", "domain_generalization", "multi_source_dg")
 TARGET_PARTS = ("test", "all")  # multi_source_dg: the held-out domain's test part, or all its images
@@ -60,6 +63,7 @@ class Cell:
     data_root: str | None = None
     results_dir: str = "results"
     target_part: str = "test"  # multi_source_dg only
+    feature_cache: bool = True  # keep frozen image features under <results_dir>/feature_cache (not the numbers)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -96,6 +100,10 @@ class Cell:
         reuses the record; a knob the method does not read changes nothing."""
         return {**{k: v for k, v in self._protocol_params().items() if k not in NOT_IDENTITY},
                 **self.train.identity()}
+
+    def feature_store(self) -> FeatureCache | None:
+        """Where a method with frozen image features keeps them (None when `feature_cache` is off)."""
+        return FeatureCache(Path(self.results_dir) / "feature_cache") if self.feature_cache else None
 
     def adapter_path(self) -> Path:
         """Where the trained state goes; transfer protocols key it by everything training depends on, so
@@ -208,6 +216,7 @@ def run_cell(cell: Cell, progress: bool = True, overwrite: bool = False) -> dict
     device = resolve_device(cfg.device)
     clip, preprocess, tokenizer = load_backbone(cell.backbone, cell.pretrained, device=device)
     method = build(clip, tokenizer, cfg).to(device)
+    method.feature_cache = cell.feature_store()
 
     source = fewshot(_load(cell.dataset, cell), cell.shots, cfg.seed)
     train_split = subsample_classes(source, "base") if cell.protocol == "base_to_novel" else source
@@ -289,6 +298,7 @@ def run_multi_source_cell(cell: Cell, progress: bool = True) -> dict[str, Any]:
         raise AssertionError(f"held-out domain {held!r} leaked into the training data")
     clip, preprocess, tokenizer = load_backbone(cell.backbone, cell.pretrained, device=device)
     method = build(clip, tokenizer, cfg).to(device)
+    method.feature_cache = cell.feature_store()
     adapter = cell.adapter_path()
     history = None
     if method.trainable():

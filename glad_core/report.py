@@ -28,7 +28,8 @@ from . import stats
 from .protocols import PAPER_TARGETS, Cell, run_cell
 from .published import DATASETS as PAPER_DATASETS
 from .published import published
-from .results import BUDGET, CELL_KEYS, budget_mean, collect, harmonic_mean, summarize
+from .results import BUDGET, CELL_KEYS, budget_mean, collect, summarize
+from .stats import harmonic_mean
 from .methods import REGISTRY, ablation_rows, table_order
 from .models import PAPER_BACKBONE
 
@@ -469,7 +470,7 @@ def attention_heatmap(g: pd.DataFrame, path: str | Path) -> Path:
 # ----------------------------------------------------------------------------- report
 
 
-def _markdown(df: pd.DataFrame) -> str:
+def markdown_table(df: pd.DataFrame) -> str:
     """A data frame (flat or two-level columns) as a Markdown table."""
     flat = df.reset_index()
     header = [" ".join(str(p) for p in (c if isinstance(c, tuple) else (c,)) if str(p)) for c in flat.columns]
@@ -494,56 +495,3 @@ def published_multi_source() -> pd.DataFrame:
     pub = published("multi_source_dg")
     pub = pub[pub["domain"] == AVERAGE]
     return pub.pivot_table(index="label", columns="dataset", values="acc", sort=False)
-
-
-def figures(name: str, t: pd.DataFrame, out_dir: str | Path, number: int) -> dict[str, Path]:
-    """A non-empty table's figures in `out_dir`: bars with intervals, the forest plot of its paired differences
-    and accuracy against steps (`table<number>_<name>[_paired|_budget].png`), by kind."""
-    from . import evidence
-
-    stem = Path(out_dir) / f"table{number}_{name}"
-    p = evidence.paired_differences(t)
-    out = {"bars": bar_chart(t, stem.with_suffix(".png"), TABLES[name])}
-    if len(p):
-        out["paired"] = evidence.forest_plot(p, f"{stem}_paired.png", f"{TABLES[name]}: paired differences")
-    out["budget"] = evidence.budget_chart(t, f"{stem}_budget.png", f"{TABLES[name]}: accuracy against steps")
-    return out
-
-
-def write_report(tables: Mapping[str, pd.DataFrame], out_dir: str | Path, records: int) -> Path:
-    """Write `report.md` and the figures of every non-empty table (`figures`) into `out_dir`; returns the
-    report's path."""
-    from . import evidence
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lines = ["# GLAD reproduction report", "",
-             f"{records} records. Reproduced accuracies are seed means ± std (%) with the 95% bootstrap "
-             f"interval over test images (`{CI}`); `published` is the published number of the same setting "
-             f"where one exists, `gap` = ours − published (points, {MISSING} = none). HM as the paper computes "
-             f"it: of the seed- (and dataset-) averaged base and novel accuracies, its interval from the same "
-             f"draws. `budget`: the mean over a row's records of optimizer steps, images seen, trained parameters "
-             f"and training time. Each table is followed by every method's paired difference from its reference "
-             f"(`glad_core.evidence`).", ""]
-    for i, (name, t) in enumerate(tables.items(), 1):
-        lines += [f"## {TABLES[name]}", ""]
-        if t.empty:
-            lines += ["No records.", ""]
-            continue
-        shown = figures(name, t, out_dir, i)
-        p = evidence.paired_differences(t)
-        lines += [_markdown(display_table(t)), "", published_note(t), ""]
-        if len(p):
-            lines += [evidence.paired_note(p), "", _markdown(evidence.display_paired(p)), ""]
-            lines += [f"- {s}" for s in evidence.paired_sentences(p)] + [""]
-        lines += [line for kind, png in shown.items() for line in (f"![{TABLES[name]}: {kind}]({png.name})", "")]
-    lines += ["## Published reference: averages (ViT-B/16, 16 shots; GLAD paper, Tables 1-3)", ""]
-    for name, ref in published_reference().items():
-        lines += [f"### {TABLES[name]}", "", _markdown(ref), ""]
-    lines += [f"### {TABLES['ablation']}", "", _markdown(published("ablation").set_index("row")[
-        ["method", *B2N_SPLITS]]), ""]
-    lines += [f"### {TABLES['multi_source_dg']}: average over held-out domains", "",
-              _markdown(published_multi_source()), ""]
-    path = out_dir / "report.md"
-    path.write_text("\n".join(lines))
-    return path

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import pandas as pd
 
 from . import stats
@@ -13,13 +12,6 @@ from .methods.base import NOT_IDENTITY
 
 CELL_KEYS = ["protocol", "dataset", "method", "descriptions", "backbone", "shots", "setting", "seed"]
 _NAMING = ("protocol", "dataset", "method", "backbone", "shots", "seed")  # the cell's name, not a setting
-
-
-def harmonic_mean(base, novel):
-    """HM = 2 b n / (b + n), the base-to-novel summary (0 when both are 0); of numbers, or of arrays
-    element by element (bootstrap draws, `glad_core.stats`)."""
-    total = np.add(base, novel)
-    return 2 * np.multiply(base, novel) / np.where(total > 0, total, 1)
 
 
 #: A record's budget (`budget`): optimizer steps, images seen by them, trained parameters, seconds of

@@ -98,13 +98,18 @@ def mean_draws(draws: Sequence[np.ndarray | None]) -> np.ndarray | None:
     return np.mean(np.stack(draws), axis=0)
 
 
+def harmonic_mean(base, novel):
+    """HM = 2 b n / (b + n), the base-to-novel summary (0 when both are 0); of numbers, or of arrays
+    element by element (bootstrap draws)."""
+    total = np.add(base, novel)
+    return 2 * np.multiply(base, novel) / np.where(total > 0, total, 1)
+
+
 def record_draws(df: "pd.DataFrame", draws: int = DRAWS, seed: int = SEED) -> list[np.ndarray | None]:
     """Bootstrap draws of accuracy (in %) for every row of `results.collect`: an evaluated split's from its
     correctness bits, every row on the same test list resampled together; a record's HM from its base and
     novel draws, a transfer record's average from its targets' (as `metrics` are); None where a record has
     no bits (written before they were)."""
-    from .results import harmonic_mean
-
     out: list[np.ndarray | None] = [None] * len(df)
     if "correct" not in df.columns:
         return out

@@ -10,87 +10,23 @@ from __future__ import annotations
 
 import functools
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm.auto import tqdm
 
 from .data import Datum, ImageDataset
 from .gradreg import GradRegStep
 from .io import atomic_path
-from .methods import Method
-from .methods.base import NOT_IDENTITY, SHARED, check_hparams, method_info
+from .runtime import autocast, loader_options, resolve_device, train_transform
 
-
-@dataclass
-class TrainConfig:
-    """Every knob of a run: the shared ones (`SHARED`; None = the method's registered default, else the
-    shared default) and the method's own hyper-parameters (`hparams`, declared in its file; defaults filled
-    in). Every value is checked by its `Hparam` on construction (a bad one raises ValueError naming it)."""
-
-    method: str = "glad"
-    seed: int = 1
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    kl_weight: float | None = None
-    rho: float | None = None
-    alpha: float | None = None
-    delta: float | None = None
-    aug_scale_min: float | None = None
-    aug_flip: bool | None = None
-    device: str | None = None
-    precision: str | None = None
-    num_workers: int | None = None
-    eval_batch_size: int | None = None
-    hparams: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        info = method_info(self.method)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed = {self.seed!r} of method {self.method!r} is invalid: must be an int >= 0")
-        for key, knob in SHARED.items():
-            value = getattr(self, key)
-            if value is None:
-                setattr(self, key, info.knob_default(key))
-                continue
-            try:
-                setattr(self, key, knob.parse(value))
-            except ValueError as e:
-                raise ValueError(f"training parameter {key!r} = {value!r} of method {self.method!r} is invalid: "
-                                 f"{e}") from None
-        self.hparams = check_hparams(self.method, self.hparams)
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any], **fixed: Any) -> "TrainConfig":
-        """From a flat mapping (a record's or parameter file's): shared keys, and the keys the method declares."""
-        p = {**params, **fixed}
-        own = method_info(p["method"]).hparams
-        return cls(**{k: p[k] for k in ("method", "seed", *SHARED) if p.get(k) is not None},
-                   hparams={k: p[k] for k in own if k in p})
-
-    def knobs(self) -> tuple[str, ...]:
-        """The shared knobs its method reads with these hyper-parameters (`Method.knobs`)."""
-        return method_info(self.method).cls.knobs(self.hparams)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Flat: method, seed, the shared knobs the method reads, then its own hyper-parameters."""
-        return {"method": self.method, "seed": self.seed, **{k: getattr(self, k) for k in self.knobs()},
-                **self.hparams}
-
-    def identity(self) -> dict[str, Any]:
-        """`to_dict` without the knobs that do not change the method's numbers (`NOT_IDENTITY`; the
-        evaluation batch size stays for a method whose predictions depend on it)."""
-        keep = {"eval_batch_size"} if method_info(self.method).cls.batch_dependent(self.hparams) else set()
-        return {k: v for k, v in self.to_dict().items() if k not in NOT_IDENTITY or k in keep}
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .methods import Method
 
 
 class NonFiniteLossError(RuntimeError):
@@ -104,33 +40,6 @@ def check_finite(loss: torch.Tensor, cfg: TrainConfig, epoch: int, checkpoint: s
             f"non-finite loss ({loss.item()}) at epoch {epoch + 1} of {cfg.method}; lower lr "
             f"(now {cfg.lr}) or use precision='fp32'. The last good checkpoint is kept"
             + (f" at {checkpoint}." if checkpoint else "."))
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(device: str) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CUDA (precision "auto" or "bf16"), a no-op context otherwise."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-
-def train_transform(clip: nn.Module, scale_min: float = 0.5, flip: bool = False) -> Callable:
-    """open_clip's training transform for this model (bicubic random resized crop, its mean / std),
-    after a random horizontal flip when `flip` (CoOp's and CLIP-LoRA's augmentation with scale_min 0.08)."""
-    from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
-    from torchvision import transforms
-
-    cfg = PreprocessCfg(**clip.visual.preprocess_cfg)
-    base = image_transform_v2(cfg, is_train=True, aug_cfg=AugmentationCfg(scale=(scale_min, 1.0)))
-    return transforms.Compose([transforms.RandomHorizontalFlip(), base]) if flip else base
 
 
 @dataclass
@@ -253,7 +162,7 @@ def train(method: Method, items: Sequence[Datum], classnames: Sequence[str], tem
     for epoch in range(start_epoch, epochs):
         torch.manual_seed(cfg.seed * 1000 + epoch)  # per-epoch seeding: a resumed run is identical
         loader = torch.utils.data.DataLoader(loader_set, batch_size=cfg.batch_size, shuffle=True,
-                                             num_workers=cfg.num_workers, drop_last=drop_last,
+                                             **loader_options(cfg.num_workers, device), drop_last=drop_last,
                                              generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         loss_sum, correct, seen = 0.0, 0, 0
         for images, labels, index in loader:
@@ -302,26 +211,13 @@ class _Indexed(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def image_features(method: Method, items: Sequence[Datum], transform: Callable, batch_size: int = 64,
-                   num_workers: int = 0, progress: bool = True, desc: str = "encode") -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised image features [N, D] and labels [N] of `items`, each image encoded once."""
-    cfg = method.cfg
-    device = resolve_device(cfg.device)
-    loader = torch.utils.data.DataLoader(ImageDataset(items, transform), batch_size=batch_size,
-                                         num_workers=num_workers)
-    feats, labels = [], []
-    for images, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        with autocast(device, cfg.precision):
-            feats.append(method.encode_image(images.to(device)))
-        labels.append(y.to(device))
-    return torch.cat(feats), torch.cat(labels)
-
-
-@torch.no_grad()
 def evaluate(method: Method, items: Sequence[Datum], classnames: Sequence[str], templates: Sequence[str],
              transform: Callable, progress: bool = True, desc: str = "eval") -> dict:
     """Top-1 accuracy, per-class accuracy and per-image correctness (`correct`, in the order of `items`) of
-    `method` on `items` (in its `inference()` mode: LoRA merged)."""
+    `method` on `items` (in its `inference()` mode: LoRA merged).
+
+    A method with frozen image features and a `feature_cache` reads the split's features from it (encoded
+    once per backbone, split and transform, in the same batches)."""
     cfg = method.cfg
     device = resolve_device(cfg.device)
     method.to(device).eval()
@@ -330,14 +226,22 @@ def evaluate(method: Method, items: Sequence[Datum], classnames: Sequence[str], 
         if not method.per_image:
             with autocast(device, cfg.precision):
                 text = method.class_features(classnames, templates).to(method.dtype)
-        loader = torch.utils.data.DataLoader(ImageDataset(items, transform), batch_size=cfg.eval_batch_size,
-                                             num_workers=cfg.num_workers)
+        bs = cfg.eval_batch_size
+        if method.frozen_image_features and method.feature_cache is not None:  # encoded once, in the same batches
+            f_all, y_all = method.feature_cache.image_features(method, items, transform, bs, cfg.num_workers,
+                                                               progress, desc)
+            batches = ((f_all[i:i + bs], None, y_all[i:i + bs]) for i in range(0, len(items), bs))
+        else:
+            loader = torch.utils.data.DataLoader(ImageDataset(items, transform), batch_size=bs,
+                                                 **loader_options(cfg.num_workers, device))
+            batches = ((None, images, y) for images, y in tqdm(loader, desc=desc, disable=not progress, leave=False))
         preds, labels, start = [], [], 0
-        for images, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        for f, images, y in batches:
             method.use_items(items[start:start + len(y)], "test")  # batch by batch: per-image methods
             start += len(y)                                         # score each batch right after encoding it
             with autocast(device, cfg.precision):
-                f = method.encode_image(images.to(device))
+                if f is None:
+                    f = method.encode_image(images.to(device))
                 t = text if text is not None else method.class_features(classnames, templates, f).to(method.dtype)
             preds.append(method.logits(f, t).argmax(-1))
             labels.append(y.to(device))

@@ -156,7 +156,8 @@ def jupyter_env(request, tmp_path_factory) -> Iterator[dict[str, str]]:
     except NoSuchKernel:
         pytest.fail(f"the notebooks' kernel 'glad' is not installed: {sys.executable} -m ipykernel install "
                     f"--prefix {sys.prefix} --name glad (make install does it)")
-    from glad_core.demo_data import DemoDataUnavailable, prepare_demo_data
+    from glad_core.debian import DemoDataUnavailable
+    from glad_core.prepare import prepare_demo_data
 
     try:
         prepare_demo_data(names=list(getattr(request.module, "DEMO_DATA", ["tuxpaint"])))

@@ -1,4 +1,5 @@
-"""Batch runs (glad_core/batch.py): the plan of parameter files, shards, done / to do, conflicts, --explain.
+"""Batch runs (the job model glad_core/jobs.py, its command line glad_core/batch.py): the plan of parameter
+files, shards, done / to do, conflicts, --explain.
 
 Executing the plan's notebooks is tested in test_notebooks.py, on Dask in test_cluster.py.
 """
@@ -17,9 +18,9 @@ def test_demo_plan_holds_every_demo_file_in_one_results_folder(tmp_path):
     """`make demo` plans params/demo/*.yaml together: two base-to-novel files (Fashion-MNIST, Tux Paint), the
     ablation, the transfer files and mini-PACS with clip art held out, one record each; MuGCP with Tux Paint's
     descriptions."""
-    from glad_core import batch
+    from glad_core import jobs as J
 
-    jobs = batch.plan(sorted((ROOT / "params" / "demo").glob("*.yaml")), {"results_dir": str(tmp_path)})
+    jobs = J.plan(sorted((ROOT / "params" / "demo").glob("*.yaml")), {"results_dir": str(tmp_path)})
     assert len(jobs) == len({j.cell.record_path for j in jobs}) == 44  # 40 before mini-PACS's 4
     assert {j.cell.dataset for j in jobs if j.cell.protocol == "base_to_novel"} == {"clipart", "fashion_mnist",
                                                                                      "tuxpaint"}
@@ -39,17 +40,17 @@ def test_batch_rejects_a_bad_shard(capsys):
 
 
 def test_batch_shards_are_disjoint_complete_and_keep_shared_adapters_together(tmp_path):
-    from glad_core import batch
+    from glad_core import jobs as J
 
     files = [ROOT / "params" / f"{p}.yaml" for p in ("base_to_novel", "ablation", "cross_dataset",
                                                      "domain_generalization")]
-    jobs = batch.plan(files, {"results_dir": str(tmp_path)})
+    jobs = J.plan(files, {"results_dir": str(tmp_path)})
     keys = [str(j.cell.record_path) for j in jobs]
     assert len(keys) == len(set(keys)) == 231 + 2 * 2 * 3  # transfer: (zeroshot, glad) x 3 seeds, 2 protocols
-    shards = [batch.shard(jobs, i, 4) for i in range(4)]
+    shards = [J.shard(jobs, i, 4) for i in range(4)]
     assert sum(len(s) for s in shards) == len(jobs)
     assert set().union(*({str(j.cell.record_path) for j in s} for s in shards)) == set(keys)
-    assert batch.shard(jobs, 1, 4) == shards[1]  # deterministic
+    assert J.shard(jobs, 1, 4) == shards[1]  # deterministic
     for s in shards:  # a cross-dataset cell and the domain-generalization cell sharing its adapter
         units = {j.unit for j in s}
         assert all(j.unit in units for j in jobs if j.unit in units)
@@ -58,20 +59,20 @@ def test_batch_shards_are_disjoint_complete_and_keep_shared_adapters_together(tm
 
 
 def test_batch_status_and_conflicts(tmp_path):
-    from glad_core import batch
+    from glad_core import jobs as J
 
-    [job] = batch.plan([{"datasets": ["tuxpaint"], "methods": ["zeroshot"], "results_dir": str(tmp_path)}])
+    [job] = J.plan([{"datasets": ["tuxpaint"], "methods": ["zeroshot"], "results_dir": str(tmp_path)}])
     assert job.params["dataset"] == "tuxpaint" and "datasets" not in job.params  # one cell, flat
-    assert not batch.is_done(job) and not batch.is_done(job, only_missing=True)
+    assert not J.is_done(job) and not J.is_done(job, only_missing=True)
     job.cell.record_path.parent.mkdir(parents=True)
     job.cell.record_path.write_text("{}")
-    assert batch.is_done(job, only_missing=True) and not batch.is_done(job)  # record, no executed notebook
+    assert J.is_done(job, only_missing=True) and not J.is_done(job)  # record, no executed notebook
     nb = nbformat.v4.new_notebook(metadata={"papermill": {"end_time": "2026-01-01T00:00:00", "exception": None}})
     nbformat.write(nb, job.output)
-    assert batch.is_done(job)
-    with pytest.raises(batch.BatchError, match="same record"):  # only what does not change the numbers
-        batch.plan([{"datasets": ["tuxpaint"], "device": d, "results_dir": str(tmp_path)} for d in ("cpu", "auto")])
-    two = batch.plan([{"datasets": ["tuxpaint"], "epochs": e, "results_dir": str(tmp_path)} for e in (1, 2)])
+    assert J.is_done(job)
+    with pytest.raises(J.BatchError, match="same record"):  # only what does not change the numbers
+        J.plan([{"datasets": ["tuxpaint"], "device": d, "results_dir": str(tmp_path)} for d in ("cpu", "auto")])
+    two = J.plan([{"datasets": ["tuxpaint"], "epochs": e, "results_dir": str(tmp_path)} for e in (1, 2)])
     assert len({j.cell.record_path for j in two}) == 2  # another value of a parameter is another record
 
 

@@ -59,7 +59,8 @@ def test_smoke_run_prints_every_row_and_writes_results(tmp_path):
         assert "no GPU was available for this measurement" in written["7"][0][6]
 
 
-@pytest.mark.parametrize("script, rows", [("mugcp", 3), ("guidg", 3), ("prompts", 4), ("deep_prompts", 8)])
+@pytest.mark.parametrize("script, rows", [("mugcp", 3), ("guidg", 3), ("prompts", 4), ("deep_prompts", 8),
+                                         ("feature_cache", 2), ("pipeline", 1)])
 def test_method_benchmarks_smoke(script, rows, tmp_path):
     out = tmp_path / "rows.json"
     proc = _script(script, "--smoke", "--json", str(out))
@@ -73,6 +74,8 @@ def test_method_benchmarks_smoke(script, rows, tmp_path):
         equal = written[0]
         assert equal["met"] is True and float(equal["value"]) <= 1e-5, equal
         assert float(equal["note"].rsplit(" ", 1)[1]) <= 1e-4, equal  # gradients' max relative difference
+    if script == "feature_cache":  # structural: the cached evaluation gives the uncached one's results
+        assert written[0]["note"].endswith("same results: True"), written[0]
 
 
 @pytest.mark.cluster

@@ -5,7 +5,7 @@
   cell and the next one are run from the page with Shift+Enter. The kernel must be `glad`, the two
   cells must run in order without an error output. A screenshot per notebook goes to the test's
   temporary folder.
-- The report page (`report.html`, written by `glad_core.batch.report`) is opened from the file system:
+- The report page (`report.html`, written by `glad_core.jobs.report`) is opened from the file system:
   it must request nothing but itself (it opens offline), and its tables and embedded figures must
   render, with the numbers of the record it reports.
 
@@ -227,10 +227,11 @@ def test_notebook_runs_in_jupyterlab(name, opened):
 @pytest.fixture(scope="module")
 def report_page(tmp_path_factory) -> tuple[Path, dict]:
     """The report of one zero-shot smoke record (glad-mini, Tux Paint): its report.html and the record."""
-    from glad_core import batch, params, report
+    from glad_core import jobs as J, params, report
 
     try:
-        from glad_core.demo_data import DemoDataUnavailable, prepare_demo_data
+        from glad_core.debian import DemoDataUnavailable
+        from glad_core.prepare import prepare_demo_data
 
         prepare_demo_data(names=["tuxpaint"])
     except DemoDataUnavailable as e:
@@ -242,7 +243,7 @@ def report_page(tmp_path_factory) -> tuple[Path, dict]:
     with pytest.MonkeyPatch.context() as mp:  # the report kernel's state out of the home folder
         for key in ("IPYTHONDIR", "MPLCONFIGDIR", "JUPYTER_CONFIG_DIR"):
             mp.setenv(key, str(state / key.lower()))
-        md = batch.report(results)
+        md = J.report(results)
     return md.with_name("report.html"), json.loads(cell.record_path.read_text())
 
 

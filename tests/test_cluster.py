@@ -21,7 +21,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from glad_core import batch, cluster
+from glad_core import batch, cluster, jobs as J
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "params" / "smoke"
@@ -48,7 +48,7 @@ def _check_complete(results: Path, expected: dict[str, dict]) -> None:
         assert record["metrics"] == expected[path]["metrics"], path
         assert record["params"] == {**expected[path]["params"]}, path
         assert record["finished"] and set(record["metrics"]) == {"base", "novel", "hm"}
-        assert batch._finished((results / path).with_suffix(".ipynb")), path
+        assert J._finished((results / path).with_suffix(".ipynb")), path
     assert not [p for p in results.rglob("*") if p.name.endswith(".tmp")]
 
 
@@ -101,7 +101,7 @@ def test_a_cell_whose_worker_is_killed_runs_again_and_writes_its_record_once(jup
 # ----------------------------------------------------------------------------- scheduling
 
 
-def _where(log: Path, job: batch.Job) -> None:
+def _where(log: Path, job: J.Job) -> None:
     """A cell that runs nothing: it writes where (worker), when, and with which kernel environment."""
     from distributed import get_worker
 
@@ -128,7 +128,7 @@ def local_client():
 @pytest.mark.cluster
 def test_units_stay_on_one_worker_and_each_worker_runs_one_cell_at_a_time(local_client, tmp_path):
     files = [SMOKE / f"{p}.yaml" for p in ("base_to_novel", "ablation", "cross_dataset", "domain_generalization")]
-    jobs = batch.plan(files, {"results_dir": str(tmp_path / "results"), "seeds": [1, 2]})
+    jobs = J.plan(files, {"results_dir": str(tmp_path / "results"), "seeds": [1, 2]})
     units = {job.unit for job in jobs}
     assert len(jobs) == 20 and len(units) == 18  # two units of two cells: transfer cells sharing one adapter
     log = tmp_path / "log.jsonl"
@@ -150,16 +150,16 @@ def test_units_stay_on_one_worker_and_each_worker_runs_one_cell_at_a_time(local_
         assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
 
 
-def _fail_lora(log: Path, job: batch.Job) -> str | None:
+def _fail_lora(log: Path, job: J.Job) -> str | None:
     """A cell that runs nothing and fails for LoRA."""
     with open(log, "a") as f:
         f.write(job.label + "\n")
-    return batch.failure(job, ValueError("no data")) if job.cell.train.method == "lora" else None
+    return J.failure(job, ValueError("no data")) if job.cell.train.method == "lora" else None
 
 
 @pytest.mark.cluster
 def test_a_cell_failure_is_reported_and_the_others_go_on(local_client, tmp_path):
-    jobs = batch.plan([SMOKE / "base_to_novel.yaml"], {"results_dir": str(tmp_path)})
+    jobs = J.plan([SMOKE / "base_to_novel.yaml"], {"results_dir": str(tmp_path)})
     log = tmp_path / "log.txt"
     failures = cluster.run(jobs, local_client, task=partial(_fail_lora, log), progress=False)
     [lora] = [j for j in jobs if j.cell.train.method == "lora"]

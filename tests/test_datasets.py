@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import shared_dir
 from glad_core import datasets as ds
 from glad_core.data import Datum, Splits, open_rgb
-from glad_core.datasets import (DATASETS, DatasetError, dataset_names, fewshot, load_csv_dataset,
+from glad_core.datasets import (DATASETS, DEMO_DATASETS, DatasetError, dataset_names, fewshot, load_csv_dataset,
                                 load_dataset, load_folder_dataset, load_split_file, subsample_classes)
 
 # =============================================================================================
@@ -276,10 +276,6 @@ def test_registry_matches_coop():
 
 
 def test_demo_sets_are_merged():
-    try:
-        from glad_core.demo_data import DEMO_DATASETS
-    except ImportError:
-        pytest.skip("glad_core.demo_data not available")
     names = dataset_names()
     assert names[:len(DATASETS)] == list(DATASETS)
     for name, spec in DEMO_DATASETS.items():
@@ -288,10 +284,6 @@ def test_demo_sets_are_merged():
 
 def test_demo_set_loads_from_the_cache(tmp_path):
     """A demo set already built under the cache's data/ folder loads without a data root."""
-    try:
-        from glad_core.demo_data import DEMO_DATASETS
-    except ImportError:
-        pytest.skip("glad_core.demo_data not available")
     name, spec = next(iter(DEMO_DATASETS.items()))
     folder = tmp_path / "glad-cache/data" / spec.folder
     split = {"train": [], "val": [], "test": []}
@@ -304,6 +296,16 @@ def test_demo_set_loads_from_the_cache(tmp_path):
     assert s.classnames == ["shirt", "shoe"] and s.test[1].impath == str(folder / spec.image_dir / "shoe/3.png")
     fewshot(s, 1, 1)
     assert (folder / "split_fewshot/shot_1-seed_1.json").is_file()
+
+
+def test_a_demo_set_not_built_names_the_command_that_builds_it():
+    """Readers only read: a demo set missing from the cache is an error naming `python -m glad_core prepare`."""
+    from glad_core.domains import load_domains
+
+    with pytest.raises(DatasetError, match=r"demo set 'tuxpaint' is not built .*python -m glad_core prepare"):
+        load_dataset("tuxpaint")
+    with pytest.raises(DatasetError, match=r"demo set 'mini_pacs' is not built .*python -m glad_core prepare"):
+        load_domains("mini_pacs")
 
 
 # ---------------------------------------------------------------------------- loaders

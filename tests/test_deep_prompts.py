@@ -13,7 +13,8 @@ from glad_core.deep_prompts import (DeepPromptLearner, split_init, text_blocks, 
                                     vision_prompts)
 from glad_core.methods import build, load_trained, save_trained
 from glad_core.methods.deep_prompts import GaussianPromptAggregation
-from glad_core.train import Step, TrainConfig
+from glad_core.config import TrainConfig
+from glad_core.train import Step
 
 DEEP = ["ivlp", "maple", "promptsrc"]
 CLASSES, PLAIN = ["red", "green", "blue"], ["a photo of a {}."]

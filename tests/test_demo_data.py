@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from glad_core import demo_data
+from glad_core import debian, demo_data, prepare
+from glad_core.datasets import DEMO_DATASETS, load_dataset
 from glad_core.data import Splits, open_rgb
 
 NUM_CLASSES = {"fashion_mnist": 10, "clipart": 16, "tuxpaint": 10, "clipart10": 10}
@@ -19,19 +20,19 @@ NUM_CLASSES = {"fashion_mnist": 10, "clipart": 16, "tuxpaint": 10, "clipart10": 
 @pytest.fixture(scope="module")
 def data_root() -> Path:
     try:
-        return demo_data.prepare_demo_data()
-    except demo_data.DemoDataUnavailable as e:
+        return prepare.prepare_demo_data()
+    except debian.DemoDataUnavailable as e:
         pytest.skip(f"demo data cannot be fetched on this system: {e}")
 
 
 @pytest.fixture(scope="module")
 def demos(data_root: Path) -> dict[str, Splits]:
-    return {name: demo_data.load_demo(name) for name in demo_data.DEMO_DATASETS}
+    return {name: load_dataset(name) for name in DEMO_DATASETS}
 
 
 def test_specs() -> None:
-    assert set(demo_data.DEMO_DATASETS) == set(NUM_CLASSES)
-    for name, spec in demo_data.DEMO_DATASETS.items():
+    assert set(DEMO_DATASETS) == set(NUM_CLASSES)
+    for name, spec in DEMO_DATASETS.items():
         assert spec.name == name and spec.demo
         assert spec.split_file.startswith("split_glad_") and spec.split_file.endswith(".json")
         assert spec.templates and all("{}" in t for t in spec.templates)
@@ -68,7 +69,7 @@ def test_images_open_and_are_small(demos: dict[str, Splits], data_root: Path) ->
                 assert img.size == (28, 28)
             else:
                 assert img.width == img.height <= demo_data.MAX_SIDE
-        spec = demo_data.DEMO_DATASETS[name]
+        spec = DEMO_DATASETS[name]
         on_disk = list((data_root / spec.folder / spec.image_dir).rglob("*.png"))
         assert len(on_disk) == len(items), f"{name}: stray or missing image files"
 
@@ -92,22 +93,22 @@ def test_domain_pair_and_cross_dataset_target(demos: dict[str, Splits]) -> None:
 
 @pytest.mark.parametrize("name", NUM_CLASSES)
 def test_split_file_is_deterministic(data_root: Path, name: str) -> None:
-    spec = demo_data.DEMO_DATASETS[name]
+    spec = DEMO_DATASETS[name]
     written = json.loads((data_root / spec.folder / spec.split_file).read_text())
     assert written == demo_data.plan_splits(name)
 
 
 def test_interrupted_build_is_redone(data_root: Path) -> None:
-    spec = demo_data.DEMO_DATASETS["tuxpaint"]
+    spec = DEMO_DATASETS["tuxpaint"]
     split_file = data_root / spec.folder / spec.split_file
     before = split_file.read_bytes()
     mtime = split_file.stat().st_mtime_ns
-    assert demo_data.prepare_demo_data(names=["tuxpaint"]) == data_root
+    assert prepare.prepare_demo_data(names=["tuxpaint"]) == data_root
     assert split_file.stat().st_mtime_ns == mtime  # built sets are skipped
     split_file.unlink()  # as if the build had stopped before its last step
     stray = data_root / spec.folder / spec.image_dir / "stray.png"
     stray.write_bytes(b"partial")
-    demo_data.prepare_demo_data(names=["tuxpaint"])
+    prepare.prepare_demo_data(names=["tuxpaint"])
     assert split_file.read_bytes() == before
     assert not stray.exists()
 
@@ -122,11 +123,11 @@ def test_read_idx_gzipped_and_raw(tmp_path: Path) -> None:
 
 
 def test_without_apt_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(demo_data.shutil, "which", lambda tool: None)
-    with pytest.raises(demo_data.DemoDataUnavailable, match="GLAD_DEBIAN_ROOT"):
-        demo_data.fetch_packages(tmp_path, ["openclipart-png"])
+    monkeypatch.setattr(debian.shutil, "which", lambda tool: None)
+    with pytest.raises(debian.DemoDataUnavailable, match="GLAD_DEBIAN_ROOT"):
+        debian.fetch_packages(tmp_path, [demo_data.OPENCLIPART])
 
 
 def test_cli_rejects_unknown_names() -> None:
     with pytest.raises(SystemExit):
-        demo_data.main(["no_such_set"])
+        prepare.main(["no_such_set"])

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from glad_core.data import Datum
-from glad_core.demo_data import DEMO_DATASETS, DemoDataUnavailable
+from glad_core.datasets import DEMO_DATASETS
+from glad_core.debian import DemoDataUnavailable
 from glad_core.descriptions import (KINDS, DescriptionError, DescriptionProvider, Descriptions, WordNet,
                                     frozen_image_features, load_descriptions, make_provider, retrieve,
                                     tuxpaint_descriptions, tuxpaint_descriptions_path, unicode_descriptions)
@@ -175,7 +176,8 @@ def test_retrieval_matches_direct_argmax():
 
 def test_frozen_image_features_ignore_lora(tmp_path, tiny_clip):
     from glad_core.methods import build
-    from glad_core.train import TrainConfig, image_features
+    from glad_core.config import TrainConfig
+    from glad_core.runtime import image_features
 
     clip, preprocess, tok = tiny_clip
     items = []
@@ -293,7 +295,8 @@ def test_tuxpaint_stamp_descriptions():
 
 def test_tuxpaint_writer_on_a_synthetic_package(tmp_path, monkeypatch):
     """First line of the .txt beside each stamp, keyed by the split's paths; stale or missing inputs are errors."""
-    from glad_core.descriptions import write_tuxpaint_descriptions
+    from glad_core import demo_data
+    from glad_core.demo_data import write_tuxpaint_descriptions
 
     monkeypatch.setenv("GLAD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("GLAD_DEBIAN_ROOT", str(tmp_path / "deb"))
@@ -314,7 +317,7 @@ def test_tuxpaint_writer_on_a_synthetic_package(tmp_path, monkeypatch):
     with pytest.raises(DescriptionError, match="does not match the current tuxpaint recipe"):
         write_tuxpaint_descriptions({"bird/animals_birds_crow.png": stamps / "crow.png"}, force=True)
     (stamps / "owl.txt").unlink()
-    monkeypatch.setattr("glad_core.descriptions._debian_content", lambda package, dest: stamps.parents[1])
+    monkeypatch.setattr(demo_data, "content_dir", lambda package, also_in=(), dest=None: stamps.parents[1])
     with pytest.raises(DescriptionError, match="no description for tuxpaint image 'bird/animals_birds_owl.png'"):
         write_tuxpaint_descriptions(sources, force=True)
 
@@ -322,6 +325,7 @@ def test_tuxpaint_writer_on_a_synthetic_package(tmp_path, monkeypatch):
 def test_prepare_writes_the_tuxpaint_descriptions_with_the_set(tmp_path, monkeypatch):
     """`prepare_demo_data` (make prepare) writes the stamps' texts beside the split it builds, and again when missing."""
     from glad_core import demo_data
+    from glad_core.prepare import prepare_demo_data
 
     monkeypatch.setenv("GLAD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("GLAD_DEBIAN_ROOT", str(tmp_path / "deb"))
@@ -334,10 +338,10 @@ def test_prepare_writes_the_tuxpaint_descriptions_with_the_set(tmp_path, monkeyp
         items.append(demo_data._Item(["train", "val", "test"][i], i, stem, f"{stem}/animals_{stem}.png",
                                      stamps / f"{stem}.png"))
     monkeypatch.setattr(demo_data, "_plan", lambda name: items)
-    demo_data.prepare_demo_data(names=["tuxpaint"])
+    prepare_demo_data(names=["tuxpaint"])
     path = tuxpaint_descriptions_path()
     want = {"crow/animals_crow.png": "A crow.", "oak/animals_oak.png": "A holm oak.", "owl/animals_owl.png": "An owl."}
     assert load_descriptions(path).images == want
     path.unlink()
-    demo_data.prepare_demo_data(names=["tuxpaint"])  # the set is kept, its missing texts are written
+    prepare_demo_data(names=["tuxpaint"])  # the set is kept, its missing texts are written
     assert load_descriptions(path).images == want and tuxpaint_descriptions().images == want

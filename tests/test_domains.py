@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageFont
 
 from glad_core import datasets as ds
-from glad_core import demo_data
+from glad_core import debian, demo_data, prepare
 from glad_core import domains as dm
 from glad_core.data import Datum, Splits, open_rgb
 from glad_core.datasets import DatasetError, split_per_class, subsample_classes
@@ -292,8 +292,8 @@ def test_imagenet_dg_v2_folder_is_line_of_classnames(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def mini_pacs() -> dm.MultiDomain:
     try:
-        demo_data.prepare_demo_data(names=["mini_pacs"])
-    except demo_data.DemoDataUnavailable as e:
+        prepare.prepare_demo_data(names=["mini_pacs"])
+    except debian.DemoDataUnavailable as e:
         pytest.skip(f"demo data cannot be fetched on this system: {e}")
     return dm.load_domains("mini_pacs")
 
@@ -301,7 +301,7 @@ def mini_pacs() -> dm.MultiDomain:
 def test_mini_pacs_domains_and_classes(mini_pacs: dm.MultiDomain) -> None:
     from glad_core import mini_pacs as mp
 
-    tux, clip = demo_data.load_demo("tuxpaint"), demo_data.load_demo("clipart10")
+    tux, clip = ds.load_dataset("tuxpaint"), ds.load_dataset("clipart10")
     assert list(mp.GLYPHS) == tux.classnames == clip.classnames
     assert mini_pacs.domain_names == ["photo", "clip_art", "cartoon", "sketch"]
     assert mini_pacs.classnames == sorted(c.replace(" ", "_") for c in tux.classnames)
@@ -314,7 +314,7 @@ def test_mini_pacs_domains_and_classes(mini_pacs: dm.MultiDomain) -> None:
 
 
 def test_mini_pacs_split_files_are_the_seeded_split(mini_pacs: dm.MultiDomain) -> None:
-    folder = demo_data.cache_dir() / "data" / "mini_pacs"
+    folder = ds.demo_root() / "mini_pacs"
     for d in mini_pacs.domain_names:
         groups = [[Datum(str(folder / d / c / f), y, c) for f in sorted(p.name for p in (folder / d / c).glob("*.png"))]
                   for y, c in enumerate(mini_pacs.classnames)]
@@ -346,14 +346,14 @@ def test_mini_pacs_glyph_images(mini_pacs: dm.MultiDomain) -> None:
         assert (np.median(shades) > 10) if domain == "cartoon" else (max(shades) < 1)
     f = mp.FONTS["sketch"]  # drawing is deterministic: a fresh drawing equals the stored image
     font = ImageFont.truetype(str(mp.font_path("sketch")), f.size, layout_engine=ImageFont.Layout.BASIC)
-    stored = demo_data.cache_dir() / "data" / "mini_pacs" / "sketch" / mp.glyph_file("tree", 0x1F332, "EVERGREEN TREE")
+    stored = ds.demo_root() / "mini_pacs" / "sketch" / mp.glyph_file("tree", 0x1F332, "EVERGREEN TREE")
     assert np.array_equal(np.asarray(mp.render_glyph(font, 0x1F332, f.color)), np.asarray(Image.open(stored)))
 
 
 def test_mini_pacs_build_is_reproducible_and_redone_when_interrupted(mini_pacs: dm.MultiDomain, tmp_path: Path) -> None:
     from glad_core.mini_pacs import build_mini_pacs
 
-    shipped = demo_data.cache_dir() / "data" / "mini_pacs"
+    shipped = ds.demo_root() / "mini_pacs"
     folder = build_mini_pacs(tmp_path)  # a second, independent build
     splits = sorted(p.name for p in shipped.glob("split_glad_*.json"))
     assert splits == sorted(p.name for p in folder.glob("split_glad_*.json")) and len(splits) == 4
@@ -372,14 +372,14 @@ def test_font_package_needs_its_file(tmp_path: Path, monkeypatch) -> None:
     font_dir = tmp_path / "deb" / demo_data.EMOJI_FONT.content
     font_dir.mkdir(parents=True)
     monkeypatch.setenv("GLAD_DEBIAN_ROOT", str(tmp_path / "deb"))
-    monkeypatch.setattr(demo_data, "cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(debian, "cache_dir", lambda: tmp_path / "cache")
 
     def no_fetch(dest, packages):
-        raise demo_data.DemoDataUnavailable(f"would fetch {packages}")
+        raise debian.DemoDataUnavailable(f"would fetch {packages}")
 
-    monkeypatch.setattr(demo_data, "fetch_packages", no_fetch)
+    monkeypatch.setattr(debian, "fetch_packages", no_fetch)
     if not (Path("/") / demo_data.EMOJI_FONT.content / demo_data.EMOJI_FONT.file).is_file():
-        with pytest.raises(demo_data.DemoDataUnavailable, match="fonts-noto-color-emoji"):
-            demo_data.content_dir(demo_data.EMOJI_FONT)  # a font folder without the font does not count
+        with pytest.raises(debian.DemoDataUnavailable, match="fonts-noto-color-emoji"):
+            debian.content_dir(demo_data.EMOJI_FONT)  # a font folder without the font does not count
     touch(font_dir / demo_data.EMOJI_FONT.file)
-    assert demo_data.content_dir(demo_data.EMOJI_FONT) == font_dir
+    assert debian.content_dir(demo_data.EMOJI_FONT) == font_dir

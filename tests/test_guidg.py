@@ -15,9 +15,9 @@ from glad_core.data import Datum
 from glad_core.lora import lora_layers
 from glad_core.methods import build
 from glad_core.methods.guidg import (BetaMovingAverage, CrossModalAttention, GuiDG, batch_mean_weights, beta_weight,
-                                     margin_logits, selection_epochs, ueo_term, wise_ft_)
-from glad_core.methods.guidg_train import source_pools
-from glad_core.train import TrainConfig
+                                     margin_logits, ueo_term, wise_ft_)
+from glad_core.methods.guidg_train import selection_epochs, source_pools
+from glad_core.config import TrainConfig
 
 CLASSES, TEMPLATES = ["red", "green", "blue"], ["a photo of {}."]
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
@@ -151,7 +151,7 @@ def test_beta_moving_average_equals_the_original(original):
 def test_experts_are_selected_after_the_originals_epochs(tiny_clip, tmp_path, monkeypatch, original):
     """phase1.py scores an expert after epochs 1, 6, ..., 31 and keeps the first best (tests/data/originals)."""
     from glad_core.methods import guidg_train
-    from glad_core.methods.guidg import Pool
+    from glad_core.methods.guidg_train import Pool
 
     ref = original("guidg")["selection"]
     assert selection_epochs(ref["epochs"], 5) == ref["evaluated_epochs"]
@@ -429,9 +429,9 @@ def test_held_out_domain_is_a_split_not_a_setting(tmp_path):
 
 
 def test_batch_runs_a_notebook_per_held_out_domain(tmp_path):
-    from glad_core import batch
+    from glad_core import jobs as J
 
-    jobs = batch.plan([{"protocol": "multi_source_dg", "datasets": ["mini_pacs"], "methods": ["zeroshot", "guidg"],
+    jobs = J.plan([{"protocol": "multi_source_dg", "datasets": ["mini_pacs"], "methods": ["zeroshot", "guidg"],
                         "results_dir": str(tmp_path)}])
     assert len(jobs) == 8 and {j.notebook.name for j in jobs} == {"multi_source_dg.ipynb"}
     assert [j.params["held_out"] for j in jobs[:3]] == [["photo"], ["photo"], ["clip_art"]]

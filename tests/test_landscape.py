@@ -14,7 +14,7 @@ from glad_core.landscape import (Landscape, check, filter_normalize, fixed_batch
                                  surface_1d, surface_2d, top_eigenvalue_and_convergence, top_hessian_eigenvalue,
                                  value, value_and_grad, worst_case_rise)
 from glad_core.methods import Method, build
-from glad_core.train import TrainConfig
+from glad_core.config import TrainConfig
 
 # ---------------------------------------------------------------------------------------------
 # Quadratic L(θ) = ½ θᵀHθ − bᵀθ over θ = [W (3 x 2), c (2,)] flattened: g = Hθ − b, ∇²L = H.

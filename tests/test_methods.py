@@ -11,7 +11,8 @@ from torch import nn
 
 from glad_core.methods import REGISTRY, Method, ablation_rows, build, load_trained, register, save_trained
 from glad_core.methods.base import Hparam, switched_off
-from glad_core.train import TrainConfig, evaluate, train
+from glad_core.config import TrainConfig
+from glad_core.train import evaluate, train
 from glad_core.checks import in_range
 from glad_core.lora import lora_disabled
 

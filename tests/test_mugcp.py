@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from glad_core.data import Datum
 from glad_core.descriptions import DescriptionError, DescriptionProvider, Descriptions
 from glad_core.methods import build
-from glad_core.train import Step, TrainConfig
+from glad_core.config import TrainConfig
+from glad_core.train import Step
 
 CLASSES = ["red", "green", "blue"]
 PLAIN = ["a photo of a {}."]
@@ -363,7 +364,8 @@ def test_mugcp_runs_in_every_protocol_on_an_open_clip_vit(tiny_config, protocol,
     human texts in training and retrieval at test in the single-source protocols (clip art targets), WordNet's
     class glosses on mini-PACS (leave-one-domain-out); glad-mini runs it in the demo and the smoke notebooks."""
     from glad_core import params as P
-    from glad_core.demo_data import DemoDataUnavailable, prepare_demo_data
+    from glad_core.debian import DemoDataUnavailable
+    from glad_core.prepare import prepare_demo_data
     from glad_core.protocols import run_cell
 
     try:

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from glad_core.methods import build
-from glad_core.train import Step, TrainConfig
+from glad_core.config import TrainConfig
+from glad_core.train import Step
 
 CLASSES, NOVEL = ["red", "green", "blue"], ["yellow", "black"]
 PLAIN = ["a photo of a {}."]
@@ -170,7 +171,8 @@ def test_prompt_methods_run_in_every_protocol_on_an_open_clip_model(tiny_config,
     """coop, cocoop and kgcoop end to end (train, save, evaluate, record) on a tiny open_clip CLIP and
     the embedded Tux Paint photos; glad-mini runs them in the smoke notebooks."""
     from glad_core import params as P
-    from glad_core.demo_data import DemoDataUnavailable, prepare_demo_data
+    from glad_core.debian import DemoDataUnavailable
+    from glad_core.prepare import prepare_demo_data
     from glad_core.protocols import run_cell
 
     try:

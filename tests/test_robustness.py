@@ -34,7 +34,8 @@ from glad_core.datasets import load_dataset
 from glad_core.io import write_json
 from glad_core.protocols import run_cell
 from glad_core.methods import Method, build
-from glad_core.train import NonFiniteLossError, TrainConfig, evaluate, train
+from glad_core.config import TrainConfig
+from glad_core.train import NonFiniteLossError, evaluate, train
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ["a photo of {}."]

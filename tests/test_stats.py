@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from glad_core import stats
-from glad_core.results import harmonic_mean
+from glad_core.stats import harmonic_mean
 
 TEST = "0123456789abcdef"  # a test list's digest
 
@@ -99,7 +99,8 @@ def test_pack_round_trips_and_names_a_wrong_size():
 
 
 def _demo_data():
-    from glad_core.demo_data import DemoDataUnavailable, prepare_demo_data
+    from glad_core.debian import DemoDataUnavailable
+    from glad_core.prepare import prepare_demo_data
 
     try:
         prepare_demo_data(names=["tuxpaint"])

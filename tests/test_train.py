@@ -7,9 +7,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from glad_core.data import Datum, ImageDataset
-from glad_core.results import harmonic_mean
+from glad_core.stats import harmonic_mean
 from glad_core.methods import REGISTRY, Method, build
-from glad_core.train import TrainConfig, evaluate, train, train_transform
+from glad_core.config import TrainConfig
+from glad_core.runtime import train_transform
+from glad_core.train import evaluate, train
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
@@ -83,8 +85,9 @@ def test_short_glad_run_on_glad_mini_improves_training_accuracy(tmp_path):
     2 shots of the 10 classes, 3 epochs of 2 steps at a learning rate of 5e-3: 60 training images
     through GLAD's step (zero-shot target, two forward-backward passes) where 4 shots, 4 epochs at
     2e-3 took 160; the rise asked for is the same 4 images (of 20 now, of 40 before)."""
-    from glad_core.datasets import fewshot
-    from glad_core.demo_data import DemoDataUnavailable, load_demo, prepare_demo_data
+    from glad_core.datasets import fewshot, load_dataset
+    from glad_core.debian import DemoDataUnavailable
+    from glad_core.prepare import prepare_demo_data
     from glad_core.models import load_backbone
 
     try:
@@ -92,7 +95,7 @@ def test_short_glad_run_on_glad_mini_improves_training_accuracy(tmp_path):
     except DemoDataUnavailable as e:
         pytest.skip(f"demo data unavailable here: {e}")
     clip, preprocess, tokenizer = load_backbone("glad-mini")
-    split = fewshot(load_demo("tuxpaint"), shots=2, seed=1, cache=tmp_path)
+    split = fewshot(load_dataset("tuxpaint"), shots=2, seed=1, cache=tmp_path)
     model = build(clip, tokenizer, TrainConfig(method="glad", device="cpu", epochs=3, batch_size=10,
                                                lr=5e-3, aug_scale_min=0.8))
 

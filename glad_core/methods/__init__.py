@@ -14,7 +14,7 @@ from .base import (REGISTRY, SHARED, Hparam, Method, MethodInfo, load_trained, m
                    table_order)
 
 if TYPE_CHECKING:
-    from ..train import TrainConfig
+    from ..config import TrainConfig
 
 __all__ = ["REGISTRY", "SHARED", "Hparam", "Method", "MethodInfo", "build", "load_trained", "method_info",
            "register", "save_trained", "table_order", "ablation_rows"]

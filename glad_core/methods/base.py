@@ -48,9 +48,11 @@ from ..encode import class_text_features
 from ..gradreg import MODES
 from ..io import atomic_path
 from ..lora import merge_lora, unmerge_lora
+from ..train import TrainResult, train
 
 if TYPE_CHECKING:
-    from ..train import TrainConfig, TrainResult
+    from ..config import TrainConfig
+    from ..feature_cache import FeatureCache
 
 Check = Callable[[Any], "str | None"]
 
@@ -111,6 +113,11 @@ def _device(v: str) -> str | None:
     return None if ok else "allowed: 'auto', 'cpu', 'cuda', 'cuda:<index>', 'mps'"
 
 
+def _workers(v: int | str) -> str | None:
+    ok = v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+    return None if ok else "allowed: 'auto' or an integer >= 0"
+
+
 #: The shared training and evaluation knobs: the value a method gets when neither its registered defaults
 #: (its recipe) nor the caller set one.
 SHARED: dict[str, Hparam] = {
@@ -127,7 +134,9 @@ SHARED: dict[str, Hparam] = {
     "device": Hparam("auto", "'auto' = cuda if available, else cpu", _device, identity=False),
     "precision": Hparam("auto", "'auto' = bf16 autocast on CUDA, fp32 on CPU; or 'fp32' / 'bf16'",
                         one_of(("auto", "fp32", "bf16"))),
-    "num_workers": Hparam(0, "data loader worker processes", in_range(0), identity=False),
+    "num_workers": Hparam("auto", "data loader worker processes; 'auto' = 0 on CPU, on CUDA one per available core "
+                          "but one (at most 8), with pinned memory (glad_core.runtime.worker_count)", _workers,
+                          types=(int, str), identity=False),
     "eval_batch_size": Hparam(64, "images per evaluation batch", in_range(1), identity=False),
 }
 EVAL_KNOBS = ("device", "precision", "num_workers", "eval_batch_size")  # what evaluating alone reads
@@ -244,6 +253,10 @@ class Method(nn.Module):
     defaults: ClassVar[dict[str, Any]] = {}
     reads: ClassVar[tuple[str, ...]] = tuple(SHARED)  # the shared knobs it reads (see `knobs`)
     per_image: ClassVar[bool] = False  # class_features depend on the image features
+    #: True: `encode_image` depends on the frozen backbone alone, never on a trained part (no LoRA in the image
+    #: tower, no vision prompts), so the features of an evaluation split are computed once and reused by every
+    #: cell and seed (`glad_core.feature_cache`). A subclass that trains anything the image tower uses sets False.
+    frozen_image_features: ClassVar[bool] = False
     trains: ClassVar[bool] = True      # False: nothing to train (no record of training, no landscape)
     builds_in_fit: ClassVar[bool] = False  # True: `fit` builds what scoring needs (experts, a description
                                            # index), so a saved state alone is not reused: the cell fits
@@ -252,6 +265,7 @@ class Method(nn.Module):
         super().__init__()
         self.clip, self.tokenizer, self.cfg = clip, tokenizer, cfg
         self.hp = cfg.hparams
+        self.feature_cache: FeatureCache | None = None  # set by a run: where frozen image features are kept
         clip.requires_grad_(False)
 
     @classmethod
@@ -370,12 +384,10 @@ class Method(nn.Module):
 
     def fit(self, items: Sequence, classnames: Sequence[str], templates: Sequence[str], *,
             val_items: Sequence | None = None, checkpoint: str | Path | None = None,
-            progress: bool = True) -> "TrainResult":
+            progress: bool = True) -> TrainResult:
         """Train on `items` (resuming from `checkpoint` where the loop saves one): the shared loop of
         `glad_core.train.train`, which does not use the sources' val pools (`val_items`, given by the
         leave-one-domain-out protocol); a method with stages, or one trained on the val pools, overrides it."""
-        from ..train import train
-
         return train(self, items, classnames, templates, checkpoint=checkpoint, progress=progress)
 
 
@@ -384,6 +396,7 @@ class ZeroShot(Method):
     """Frozen CLIP with the dataset's hand-written prompts: trains nothing."""
 
     trains = False
+    frozen_image_features = True
     reads = EVAL_KNOBS
 
 

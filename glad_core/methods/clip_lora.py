@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 
 from ..checks import in_range
+from ..train import train
 from .base import STEP_RULE, Hparam, register
 from .glad import LORA_HPARAMS, LoRAMethod
 
@@ -58,8 +59,6 @@ class ClipLoRA(LoRAMethod):
     def fit(self, items: Sequence, classnames: Sequence[str], templates: Sequence[str], *,
             val_items: Sequence | None = None, checkpoint: str | Path | None = None, progress: bool = True):
         """`iterations_per_shot` x shots iterations of the shared loop (`epochs` is not used)."""
-        from ..train import train
-
         shots = math.ceil(len(items) / len(classnames))
         return train(self, items, classnames, templates, checkpoint=checkpoint, progress=progress,
                      steps=self.hp["iterations_per_shot"] * shots)

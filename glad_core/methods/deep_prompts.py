@@ -82,6 +82,8 @@ def _prompt_list(layers: int, n: int, dim: int, device: torch.device, std: float
 class DeepPrompting(CoOp):
     """Shared by the three: CoOp's context and recipe, text prompts at blocks 1..J_t-1, vision prompts (subclasses)."""
 
+    frozen_image_features = False  # vision prompts: the image features move with training
+
     def __init__(self, clip: nn.Module, tokenizer: Callable, cfg, text_depth: int, vision_depth: int):
         super().__init__(clip, tokenizer, cfg)
         blocks = vision_blocks(clip)

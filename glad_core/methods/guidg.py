@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar, Iterator, Sequence
 
@@ -44,6 +43,7 @@ from ..checks import in_range, one_of
 from ..lora import apply_lora, lora_disabled, lora_layers
 from .base import STEP_RULE, Hparam, Method, register, switched_off
 from .glad import LORA_HPARAMS
+from .guidg_train import fit_guidg
 
 GUIDG_DEFAULTS = {"lr": 5e-6, "weight_decay": 0.1, "epochs": 10, "batch_size": 12, "eval_batch_size": 36}
 GUIDG_RECIPE = "GuiDG's code (glad_core/methods/guidg.py)"
@@ -147,21 +147,6 @@ class BetaMovingAverage:
         """The average into the parameters."""
         for a, p in zip(self.sum, self.params):
             p.copy_(a / self.weight)
-
-
-def selection_epochs(epochs: int, every: int) -> list[int]:
-    """The epochs (1-based) after which an expert is scored on its val pool: 1, 1 + every, ... (GuiDG's
-    phase1.py: `epoch % 5 == 0`, 0-based)."""
-    return [e + 1 for e in range(epochs) if e % every == 0]
-
-
-@dataclass
-class Pool:
-    """One source domain: its expert-training items and its val (guidance) items."""
-
-    name: str
-    train: list
-    val: list
 
 
 @register("guidg", order=32, recipe=GUIDG_RECIPE, guided=True)
@@ -297,14 +282,16 @@ class GuiDG(Method):
         """End-of-training hook (CLIPood loads its moving average)."""
 
     # --- training ---------------------------------------------------------------------------------
+    def new_attention(self, dim: int, n_classes: int) -> CrossModalAttention:
+        """A fresh cross-modal attention over `n_classes` classes of dimension `dim` (`heads` heads)."""
+        return CrossModalAttention(dim, n_classes, self.hp["heads"])
+
     def fit(self, items: Sequence, classnames: Sequence[str], templates: Sequence[str], *,
             val_items: Sequence | None = None, checkpoint: str | Path | None = None, progress: bool = True):
         """Step 1 (experts, when guided) then step 2 on `items` grouped by `Datum.domain`.
 
         `val_items`: the sources' val pools (step 2's data, experts' selection); without them each
         domain's items are split per class 50 / 50. The staged fit does not resume: `checkpoint` is unused."""
-        from .guidg_train import fit_guidg
-
         return fit_guidg(self, items, classnames, templates, val_items, progress)
 
 

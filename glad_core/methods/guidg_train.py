@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
@@ -11,15 +12,31 @@ from tqdm.auto import tqdm
 
 from ..data import Datum, ImageDataset, Splits
 from ..datasets import DatasetError, split_per_class
+from ..feature_cache import frozen_features
 from ..domains import split_subdomains
 from ..gradreg import GradRegStep
 from ..prompts import PromptLearner
-from ..train import TrainResult, autocast, check_finite, image_features, resolve_device, set_seed, train_transform
-
-from .guidg import selection_epochs
+from ..runtime import autocast, loader_options, resolve_device, set_seed, train_transform
+from ..train import TrainResult, check_finite
 
 if TYPE_CHECKING:
-    from .guidg import GuiDG, Pool
+    from .guidg import GuiDG
+
+
+@dataclass
+class Pool:
+    """One source domain: its expert-training items and its val (guidance) items."""
+
+    name: str
+    train: list
+    val: list
+
+
+def selection_epochs(epochs: int, every: int) -> list[int]:
+    """The epochs (1-based) after which an expert is scored on its val pool: 1, 1 + every, ... (GuiDG's
+    phase1.py: `epoch % 5 == 0`, 0-based)."""
+    return [e + 1 for e in range(epochs) if e % every == 0]
+
 
 EXPERT_SCALE_MIN = 0.7  # GuiDG's experts: RandomResizedCrop(224, scale (0.7, 1)) + horizontal flip
 
@@ -47,11 +64,9 @@ def _by_class(items: Sequence[Datum]) -> list[list[Datum]]:
 
 
 def source_pools(items: Sequence[Datum], classnames: Sequence[str], templates: Sequence[str],
-                 val_items: Sequence[Datum] | None, subdomains: int, seed: int) -> list["Pool"]:
+                 val_items: Sequence[Datum] | None, subdomains: int, seed: int) -> list[Pool]:
     """One pool per source domain (in order of appearance); one source (or none named) is dealt into
     `subdomains` random sub-domains, its val items included (Algorithm 1)."""
-    from .guidg import Pool
-
     names = list(dict.fromkeys(d.domain for d in items))
     if len(names) <= 1:
         source = Splits(names[0] if names and names[0] else "source", list(classnames), list(templates),
@@ -98,7 +113,7 @@ def val_accuracy(learner: PromptLearner, val_f: torch.Tensor, val_y: torch.Tenso
         return ((val_f @ learner().float().t()).argmax(-1) == val_y).float().mean().item()
 
 
-def train_expert(method: "GuiDG", pool: "Pool", classnames: Sequence[str], progress: bool) -> tuple[torch.Tensor, dict]:
+def train_expert(method: "GuiDG", pool: Pool, classnames: Sequence[str], progress: bool) -> tuple[torch.Tensor, dict]:
     """A CoOp expert on the frozen pretrained backbone: the selected context [M, d] and its history.
 
     Scored on the val pool after epochs 1, 1 + N, ... (`selection_epochs`); the first best is kept (GuiDG
@@ -111,14 +126,14 @@ def train_expert(method: "GuiDG", pool: "Pool", classnames: Sequence[str], progr
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=hp["expert_schedule_steps"])
     data = ImageDataset(pool.train, train_transform(method.clip, EXPERT_SCALE_MIN, flip=True))
     with method.zero_shot():
-        val_f, val_y = image_features(method, pool.val, eval_transform(method.clip), cfg.eval_batch_size,
-                                      cfg.num_workers, progress=False)
+        val_f, val_y = frozen_features(method, pool.val, eval_transform(method.clip), cfg.eval_batch_size,
+                                       cfg.num_workers, progress=False)
     best, best_ctx, history = -1.0, learner.ctx.detach().clone(), []
     epochs, steps, seen = hp["expert_epochs"], 0, 0
     selected = selection_epochs(epochs, hp["expert_eval_every"])
     for epoch in tqdm(range(epochs), desc=f"expert {pool.name}", disable=not progress, leave=False):
         loader = torch.utils.data.DataLoader(data, batch_size=hp["expert_batch_size"], shuffle=True,
-                                             num_workers=cfg.num_workers,
+                                             **loader_options(cfg.num_workers, device),
                                              generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         for images, labels in loader:
             loss = expert_step(method, learner, optimizer, images.to(device), labels.to(device))
@@ -149,15 +164,13 @@ def step2_classifiers(method: "GuiDG", contexts: Sequence[torch.Tensor] | None, 
                       templates: Sequence[str]) -> torch.Tensor:
     """Step 2's fixed classifiers [K, C, D], computed once: the experts' (their contexts installed with a
     fresh cross-modal attention) or, unguided, the hand-written prompts' (K = 1)."""
-    from .guidg import CrossModalAttention
-
     device = resolve_device(method.cfg.device)
     if contexts is None:
         with torch.no_grad(), method.zero_shot(), autocast(device, method.cfg.precision):
             return method.prompt_features(classnames, templates)[None].float()
     method.ctx = nn.Parameter(torch.stack(list(contexts)), requires_grad=False)
     method.expert_text = expert_features(method, method.ctx, classnames)
-    method.attn = CrossModalAttention(method.expert_text.shape[-1], len(classnames), method.hp["heads"]).to(device)
+    method.attn = method.new_attention(method.expert_text.shape[-1], len(classnames)).to(device)
     return method.expert_text
 
 

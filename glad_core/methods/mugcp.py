@@ -224,6 +224,11 @@ class MuGCP(CoOp):
         return h, pad
 
     # --- scoring ---------------------------------------------------------------------------------
+    @property
+    def frozen_image_features(self) -> bool:  # type: ignore[override]
+        """Without VCP only: VCP reads each batch's visual tokens from `encode_image`, which a cached feature skips."""
+        return not self.hp["vcp"]
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         self._tokens = None
         return super().encode_image(images)
@@ -308,7 +313,7 @@ class MuGCP(CoOp):
             from open_clip.transform import PreprocessCfg, image_transform_v2
 
             from ..descriptions import frozen_image_features
-            from ..train import resolve_device
+            from ..runtime import resolve_device
 
             self.to(resolve_device(self.cfg.device))
             transform = image_transform_v2(PreprocessCfg(**self.clip.visual.preprocess_cfg), is_train=False)

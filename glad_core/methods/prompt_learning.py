@@ -49,6 +49,7 @@ class CoOp(Method):
     """CoOp: learned context vectors shared by all classes, on the frozen text tower."""
 
     hparams = PROMPT_HPARAMS
+    frozen_image_features = True  # the context enters the text tower only (CoCoOp's meta-net reads the features)
 
     def __init__(self, clip: nn.Module, tokenizer: Callable, cfg):
         super().__init__(clip, tokenizer, cfg)
