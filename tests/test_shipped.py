@@ -24,6 +24,9 @@ RUN_BY = {
     "benchmarks/prompts.py": f"{SMOKE_TESTS}::test_method_benchmarks_smoke",
     "benchmarks/guidg.py": f"{SMOKE_TESTS}::test_method_benchmarks_smoke",
     "benchmarks/mugcp.py": f"{SMOKE_TESTS}::test_method_benchmarks_smoke",
+    "benchmarks/deep_prompts.py": f"{SMOKE_TESTS}::test_method_benchmarks_smoke",
+    "benchmarks/feature_cache.py": f"{SMOKE_TESTS}::test_method_benchmarks_smoke",
+    "benchmarks/pipeline.py": f"{SMOKE_TESTS}::test_method_benchmarks_smoke",
     "benchmarks/cluster.py": f"{SMOKE_TESTS}::test_cluster_smoke_times_the_grid_on_one_and_two_workers",
 }
 
