@@ -136,15 +136,15 @@ def test_records_hold_per_image_evidence_intervals_and_budget(tiny_config, tmp_p
     assert b2n["zeroshot"]["test_items"] == b2n["coop"]["test_items"]  # the same images, in the same order
     assert {k: b2n["zeroshot"]["train"][k] for k in ("steps", "images_seen", "parameters")} == {
         "steps": 0, "images_seen": 0, "parameters": 0}
-    coop = b2n["coop"]["train"]  # 1 shot of 5 base classes, batches of 4: 2 steps seeing 5 images
-    assert (coop["steps"], coop["images_seen"]) == (2, 5) and coop["parameters"] == 4 * 64  # n_ctx x text width
+    coop = b2n["coop"]["train"]  # 1 shot of 5 base classes, batches of 4, the last incomplete one dropped
+    assert (coop["steps"], coop["images_seen"]) == (1, 4) and coop["parameters"] == 4 * 64  # n_ctx x text width
 
     transfer = [run_cell(cell, progress=False) for protocol in ("cross_dataset", "domain_generalization")
                 for cell in P.cells({**common, "protocol": protocol, "methods": ["coop"], "targets": ["tuxpaint"]})]
     trained, reused = (r["train"] for r in transfer)
     assert not trained["reused_adapter"] and reused["reused_adapter"]
     budget = {k: trained[k] for k in ("steps", "images_seen", "parameters", "seconds")}
-    assert (budget["steps"], budget["images_seen"], budget["parameters"]) == (3, 10, 4 * 64)  # all 10 classes
+    assert (budget["steps"], budget["images_seen"], budget["parameters"]) == (2, 8, 4 * 64)  # all 10 classes, drop_last
     assert {k: reused[k] for k in budget} == budget and reused["history"] == []
     assert set(transfer[0]["intervals"]) == {"tuxpaint", "average"}
 
@@ -153,8 +153,8 @@ def test_records_hold_per_image_evidence_intervals_and_budget(tiny_config, tmp_p
     assert (row["n"], row["test"], row["correct"]) == (b2n["coop"]["test_sizes"]["base"],
                                                        b2n["coop"]["test_items"]["base"], b2n["coop"]["correct"]["base"])
     assert [row["lo"], row["hi"]] == b2n["coop"]["intervals"]["base"]
-    assert (row["steps"], row["images_seen"], row["parameters"]) == (2, 5, 4 * 64)
-    assert df.loc[("domain_generalization", "coop", "average"), "steps"] == 3
+    assert (row["steps"], row["images_seen"], row["parameters"]) == (1, 4, 4 * 64)
+    assert df.loc[("domain_generalization", "coop", "average"), "steps"] == 2
 
 
 def test_records_written_before_the_evidence_still_load(tmp_path):
