@@ -47,6 +47,15 @@ def parser(doc: str | None, *options: str) -> argparse.ArgumentParser:
     return p
 
 
+def chosen_sections(parser: argparse.ArgumentParser, value: str, allowed: Sequence[str]) -> list[str]:
+    """The comma-separated `--sections` value as a list; a name not in `allowed` is a usage error."""
+    chosen = [x.strip() for x in value.split(",") if x.strip()]
+    unknown = sorted(set(chosen) - set(allowed))
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {', '.join(allowed)}")
+    return chosen
+
+
 def _prog() -> str:
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)

@@ -25,7 +25,7 @@ import torch
 
 from benchmarks.common import SMOKE_MODEL, child, image_size, load_model, run_children, smoke_config, table, write_rows
 from benchmarks.common import imagenet_names as classnames
-from benchmarks.common import parser as cli
+from benchmarks.common import chosen_sections, parser as cli
 from benchmarks.memory import MB, PeakRSS
 from benchmarks.timing import interleave
 from glad_core.methods import build
@@ -118,9 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.child:
         return child(child_peak, args.child)
-    sections = [x.strip() for x in args.sections.split(",") if x.strip()]
-    if set(sections) - {"speed", "memory"}:
-        parser.error(f"unknown sections {sorted(set(sections) - {'speed', 'memory'})}; choose from speed, memory")
+    sections = chosen_sections(parser, args.sections, ("speed", "memory"))
     with smoke_config(args.smoke) as config_dir:
         if args.smoke:
             args.model, args.batch, args.classes, args.rounds = SMOKE_MODEL, 2, 5, 1

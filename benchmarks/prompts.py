@@ -26,7 +26,7 @@ from torch import nn
 
 from benchmarks.common import SMOKE_MODEL, child, load_model, run_children, smoke_config, table, write_rows
 from benchmarks.common import imagenet_names as classnames
-from benchmarks.common import parser as cli
+from benchmarks.common import chosen_sections, parser as cli
 from benchmarks.memory import MB, PeakRSS
 from benchmarks.timing import interleave
 from glad_core.prompts import PromptLearner, meta_net
@@ -138,9 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.child:
         return child(child_peak, args.child)
-    sections = [x.strip() for x in args.sections.split(",") if x.strip()]
-    if set(sections) - {"speed", "memory"}:
-        parser.error(f"unknown sections {sorted(set(sections) - {'speed', 'memory'})}; choose from speed, memory")
+    sections = chosen_sections(parser, args.sections, ("speed", "memory"))
     with smoke_config(args.smoke) as config_dir:
         if args.smoke:
             args.model, args.batch, args.classes, args.rounds, args.eval_batch, args.chunk = SMOKE_MODEL, 2, 5, 1, 2, 500

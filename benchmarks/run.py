@@ -36,7 +36,7 @@ from torch import nn
 import glad_core
 import glad_core.protocols
 from benchmarks.common import ROOT, SMOKE_MODEL, child, image_size, load_model, run_children, smoke_config
-from benchmarks.common import parser as cli
+from benchmarks.common import chosen_sections, parser as cli
 from benchmarks.memory import MB, PeakRSS
 from benchmarks.timing import interleave
 from glad_core.data import Datum
@@ -614,10 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.child:
         return child(child_step, args.child)
-    only = [x.strip() for x in args.sections.split(",") if x.strip()]
-    unknown = sorted(set(only) - {*SECTIONS, "gpu"})
-    if unknown:
-        parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}, gpu")
+    only = chosen_sections(parser, args.sections, (*SECTIONS, "gpu"))
     gpu = "gpu" in only or args.sections == parser.get_default("sections")
 
     t0, load_start = time.perf_counter(), load_average()
